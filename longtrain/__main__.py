@@ -1,0 +1,5 @@
+import sys
+
+from longtrain.cli import main
+
+sys.exit(main())

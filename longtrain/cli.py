@@ -1,0 +1,76 @@
+"""`longtrain` command line.
+
+  longtrain train RECIPE [key=value ...]        train (starts launch.nproc local processes itself
+                                                when not under torchrun)
+  longtrain config show RECIPE [key=value ...]  print the resolved config
+
+A RECIPE is a YAML path or a name from recipes/ (quickstart, debug, ...). User errors (bad keys,
+values, paths) print one line naming the problem and the fix, and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from longtrain.config import ConfigError, load_config, to_yaml
+
+EXIT_USAGE = 2
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def cmd_config_show(ns) -> int:
+    cfg = load_config(ns.recipe, ns.overrides)
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+def cmd_train(ns) -> int:
+    from longtrain.launch import launch_local
+    from longtrain.train.preflight import preflight
+    from longtrain.train.trainer import run_training
+
+    cfg = load_config(ns.recipe, ns.overrides)
+    preflight(cfg)
+    if _under_torchrun() or cfg.launch.nproc == 1:
+        summary = run_training(cfg)
+    else:
+        summary = launch_local(cfg)
+    if summary.get("preempted"):
+        print(f"stopped by a signal at step {summary['step']}: checkpoint saved in {cfg.train.output_dir}/checkpoints; "
+              "run again with checkpoint.resume=auto to continue", file=sys.stderr)
+        return 128 + 15
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longtrain", description="Train LLMs on million-token sequences.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("recipe", help="YAML path or recipe name (e.g. quickstart)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=20")
+    t.set_defaults(fn=cmd_train)
+    c = sub.add_parser("config", help="inspect recipes")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the resolved config")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(fn=cmd_config_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.fn(ns)
+    except ConfigError as e:
+        print(f"longtrain: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Load a recipe: YAML file + key=value overrides -> validated, typed `Config`.
+
+Errors a user can make (unknown key, wrong type, impossible combination) raise `ConfigError`
+whose message names the key, the value and the fix; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from longtrain.config.schema import Config
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class ConfigError(ValueError):
+    """A user error in a recipe or override: printed without a traceback, exit code 2."""
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A recipe is a YAML path, or the name of one in recipes/ (`quickstart` -> recipes/quickstart.yaml)."""
+    p = Path(recipe)
+    if p.is_file():
+        return p
+    named = RECIPES_DIR / f"{recipe}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+    hint = difflib.get_close_matches(recipe, known, n=1)
+    msg = f"recipe {recipe!r} not found: give a YAML path or one of {known}"
+    if hint:
+        msg += f" (did you mean {hint[0]!r}?)"
+    raise ConfigError(msg)
+
+
+def _check_keys(node: Any, schema_cls: type, prefix: str) -> None:
+    """Refuse unknown keys before OmegaConf sees them, naming the closest valid key."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{prefix or 'recipe'} must be a mapping of keys, got {type(node).__name__}: {node!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema_cls)}
+    for key, value in node.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{path}'{hint}; valid keys here: {', '.join(fields)}")
+        ftype = fields[key].type
+        sub = _dataclass_type(ftype)
+        if sub is not None and value is not None:
+            _check_keys(value, sub, path)
+
+
+def _dataclass_type(ftype: Any) -> type | None:
+    import longtrain.config.schema as schema
+
+    if isinstance(ftype, str):  # postponed annotations: resolve names defined in the schema module
+        ftype = getattr(schema, ftype, None)
+    return ftype if dataclasses.is_dataclass(ftype) else None
+
+
+def _overrides_to_dict(overrides: Sequence[str]) -> dict:
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (example: train.steps=20)")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key (example: train.steps=20)")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a key below the value {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- recipe YAML <- overrides, checked key by key, typed, then validated."""
+    layers = []
+    if recipe is not None:
+        path = resolve_recipe_path(str(recipe))
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        _check_keys(data, Config, "")
+        layers.append(data)
+    ov = _overrides_to_dict(overrides)
+    _check_keys(ov, Config, "")
+    layers.append(ov)
+    base = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"bad value for '{key}': {_first_line(e)}") from None
+    validate(cfg)
+    return cfg
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}{hint}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: Config) -> None:
+    """Combinations the types cannot express. Runs before any process or device work starts."""
+    from longtrain.models.presets import PRESETS
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.pretrained is None:
+        _choice("model.preset", m.preset, list(PRESETS))
+    elif not (Path(m.pretrained) / "config.json").is_file():
+        raise ConfigError(f"model.pretrained={m.pretrained!r} has no config.json: point it at an HF checkpoint folder")
+    _choice("model.dtype", m.dtype, ["float32", "bfloat16", "float64"])
+    _choice("data.source", d.source, ["needle", "jsonl", "text", "memmap"])
+    _choice("data.memmap_dtype", d.memmap_dtype, ["uint16", "uint32", "int32"])
+    _choice("data.needle.loss_on", d.needle.loss_on, ["all", "answer"])
+    if d.source != "needle" and not d.paths:
+        raise ConfigError(f"data.source={d.source!r} needs data.paths (a list of files)")
+    for p in d.paths:
+        if not Path(p).exists():
+            raise ConfigError(f"data.paths: {p!r} does not exist")
+    if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r}: use 'byte' or the path of a local tokenizer.json")
+    _positive("data.seq_len", d.seq_len)
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+    for key in ("steps", "micro_batch_size", "grad_accum", "loss_tile_tokens", "log_interval", "eval_samples"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.lr", t.lr)
+    _positive("train.peak_tflops", t.peak_tflops)
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    _positive("train.eval_interval", t.eval_interval, allow_zero=True)
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _choice("train.precision", t.precision, ["fp32", "bf16"])
+    _choice("train.device", t.device, ["auto", "cpu", "cuda"])
+    _choice("train.attention_kernel", t.attention_kernel, ["auto", "math", "cpu_flash", "flash", "cudnn"])
+    if t.precision == "bf16" and m.dtype == "float64":
+        raise ConfigError("train.precision=bf16 with model.dtype=float64: use model.dtype=float32 (fp32 master weights)")
+    _choice("memory.activation.policy", cfg.memory.activation.policy, ["none", "recompute"])
+    _choice("finetune.mode", cfg.finetune.mode, ["full"])
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
+    _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    r = cfg.checkpoint.resume
+    if r is not None and r != "auto" and not Path(r).is_dir():
+        raise ConfigError(f"checkpoint.resume={r!r}: use 'auto' or the path of a checkpoint folder")
+    _positive("launch.nproc", cfg.launch.nproc)
+    _choice("launch.backend", cfg.launch.backend, ["auto", "gloo", "nccl"])
+    _positive("launch.timeout_s", cfg.launch.timeout_s)

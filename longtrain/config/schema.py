@@ -1,0 +1,132 @@
+"""The recipe schema: typed dataclasses used as an OmegaConf structured config.
+
+Every field has a default and a one-line doc (the comment after it, with its unit).
+`longtrain config show RECIPE` prints the resolved values; docs/config.md is generated
+from these comments by `tools/config_doc.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "debug"  # named size: debug | tiny | 1b | llama2-7b | llama3-8b (see longtrain/models/presets.py)
+    pretrained: Optional[str] = None  # HF checkpoint folder (config.json + *.safetensors) to load; overrides the preset's shape
+    vocab_size: Optional[int] = None  # override the preset's vocabulary size (tokens); None keeps the preset's
+    max_position_embeddings: Optional[int] = None  # override the preset's RoPE context (tokens); None keeps it
+    tie_word_embeddings: Optional[bool] = None  # share embedding and LM head weights; None keeps the preset's
+    dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float64 (bf16 compute comes from train.precision)
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights (ignored when loading pretrained)
+
+
+@dataclass
+class NeedleConfig:
+    n_keys: int = 1  # key/value pairs hidden in each sample; one of them is asked for (1 = passkey retrieval)
+    value_digits: int = 5  # digits in each hidden value
+    loss_on: str = "all"  # which tokens carry loss: all (language modelling + answer) | answer (answer tokens only)
+
+
+@dataclass
+class DataConfig:
+    source: str = "needle"  # needle (synthetic retrieval task) | jsonl | text | memmap
+    paths: list[str] = field(default_factory=list)  # input files for jsonl/text/memmap sources
+    text_field: str = "text"  # jsonl field holding the document text
+    memmap_dtype: str = "uint16"  # dtype of pre-tokenized memmap files: uint16 | uint32 | int32
+    tokenizer: str = "byte"  # byte (built in, no downloads) or a path to a local HF tokenizer.json
+    seq_len: int = 512  # tokens per training sequence
+    eval_fraction: float = 0.05  # fraction of packed sequences held out for evaluation (file sources)
+    needle: NeedleConfig = field(default_factory=NeedleConfig)
+    num_samples: int = 100000  # synthetic samples in the training set (needle source)
+    seed: int = 1234  # data order and synthetic generation seed
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/quickstart"  # run directory: config.yaml, metrics.jsonl, checkpoints
+    steps: int = 100  # optimizer steps
+    micro_batch_size: int = 1  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 3.0e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay (not applied to norms)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1.0e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip global grad norm to this value (0 = off)
+    precision: str = "fp32"  # fp32 | bf16 (autocast to bfloat16 with fp32 master weights)
+    attention_kernel: str = "auto"  # auto | math | cpu_flash | flash | cudnn (auto = fastest available)
+    loss_tile_tokens: int = 4096  # tokens per tile of the tiled cross-entropy (never materialises full logits)
+    eval_interval: int = 50  # evaluate every N steps (0 = only at the end)
+    eval_samples: int = 16  # sequences per evaluation
+    log_interval: int = 1  # print a progress line every N steps
+    peak_tflops: float = 989.0  # per-device peak for MFU (TFLOP/s); 989 = H100/H200 SXM dense bf16
+    seed: int = 0  # model init and dropout seed
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ParallelConfig:
+    ddp_bucket_cap_mb: int = 25  # gradient all-reduce bucket size for the data-parallel engine (MiB)
+
+
+@dataclass
+class ActivationConfig:
+    policy: str = "none"  # none (keep all activations) | recompute (activation checkpointing per layer)
+
+
+@dataclass
+class MemoryConfig:
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "full"  # full (every parameter trains)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline (written under the run dir, `wandb sync` later) | disabled
+    project: str = "longtrain"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user); None = your default
+    name: Optional[str] = None  # run name; None = the run directory's name
+    group: Optional[str] = None  # run group
+    tags: list[str] = field(default_factory=list)  # run tags
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (0 = only at the end)
+    keep_last: int = 2  # checkpoints kept (older ones are deleted after a new one is complete)
+    resume: Optional[str] = None  # None | auto (latest in output_dir, if any) | path to a checkpoint folder
+    export_hf: bool = True  # write the final model as HF safetensors into output_dir/hf
+
+
+@dataclass
+class LaunchConfig:
+    nproc: int = 1  # local processes when not started by torchrun (the CLI launches them itself)
+    backend: str = "auto"  # process group backend: auto (nccl on cuda, gloo on cpu) | gloo | nccl
+    timeout_s: int = 600  # collective timeout (seconds): a hung rank fails every rank after this
+    master_port: int = 0  # rendezvous port for self-launched runs (0 = pick a free one)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)

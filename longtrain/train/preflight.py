@@ -1,0 +1,39 @@
+"""Checks that need more than the schema (tokenizer, model shape, data, checkpoints), run before any
+process is launched or device touched, so a bad recipe costs no GPU time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from longtrain.config import Config, ConfigError
+from longtrain.models import model_args
+
+
+def preflight(cfg: Config) -> None:
+    from longtrain.data import build_dataset, load_tokenizer
+    from longtrain.train.checkpoint import check_model_shape, find_resume
+
+    m, d = cfg.model, cfg.data
+    try:
+        tok = load_tokenizer(d.tokenizer)
+        args = model_args(m.preset, m.pretrained, vocab_size=m.vocab_size,
+                          max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model vocab_size={args.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids: "
+                          f"set model.vocab_size={tok.vocab_size} or more")
+    if d.source == "needle":  # the cheap source: build one sample now so a too-short seq_len fails here
+        try:
+            build_dataset("needle", tokenizer=tok, seq_len=d.seq_len, split="train", num_samples=1,
+                          needle_kwargs=dict(n_keys=d.needle.n_keys, value_digits=d.needle.value_digits,
+                                             loss_on=d.needle.loss_on), seed=d.seed)[0]
+        except ValueError as e:
+            raise ConfigError(f"data.seq_len={d.seq_len}: {e}") from None
+    try:
+        path = find_resume(cfg.checkpoint.resume, Path(cfg.train.output_dir) / "checkpoints")
+        if path is not None:
+            check_model_shape(path, json.loads((path / "meta.json").read_text()), args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

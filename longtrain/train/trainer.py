@@ -1,0 +1,266 @@
+"""The training loop. It knows the model, the optimizer and the data; every parallel or memory
+technique reaches it only through `parallelize_model`, so nothing here branches on them.
+
+Loss normalisation: each rank sums its per-token losses; every micro-batch's gradient is scaled by
+dp_size / (labelled tokens in the whole global batch), and DDP averages over dp ranks. The update is
+therefore that of one process seeing the whole global batch, whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import subprocess
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from longtrain.config import Config, to_yaml
+from longtrain.data import ResumableSampler, build_dataset, collate, load_tokenizer, needle_accuracy
+from longtrain.finetune import apply_finetune_mode
+from longtrain.models import DTYPES, build_model, model_args, save_hf
+from longtrain.models.loss import tiled_cross_entropy
+from longtrain.parallel import Mesh, all_reduce_sum, init_mesh, parallelize_model, unwrap
+from longtrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from longtrain.train.logger import RunLogger, log, setup_logging
+from longtrain.train.metrics import peak_memory_gib, train_flops
+
+BATCH_KEYS = ("input_ids", "labels", "position_ids")
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT (preemption) ask the loop to checkpoint and exit at the next step boundary."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
+    t = cfg.train
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
+
+    def lr_lambda(step: int) -> float:  # linear warmup, then cosine from 1 to min_lr_ratio
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, mesh: Mesh):
+        self.cfg, self.mesh = cfg, mesh
+        t, d, m = cfg.train, cfg.data, cfg.model
+        self.run_dir = Path(t.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.tokenizer = load_tokenizer(d.tokenizer)
+        self.args = model_args(m.preset, m.pretrained, vocab_size=m.vocab_size,
+                               max_position_embeddings=m.max_position_embeddings,
+                               tie_word_embeddings=m.tie_word_embeddings)
+        if self.args.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model vocab_size={self.args.vocab_size} is smaller than the tokenizer's "
+                             f"{self.tokenizer.vocab_size} ids: set model.vocab_size={self.tokenizer.vocab_size} or more")
+        self.model = build_model(self.args, device=mesh.device, dtype=DTYPES[m.dtype],
+                                 attention_kernel=t.attention_kernel, pretrained=m.pretrained,
+                                 init_std=m.init_std, seed=t.seed)
+        apply_finetune_mode(self.model, cfg.finetune)
+        self.module = parallelize_model(self.model, cfg, mesh)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, mesh.device)
+        data_kw = dict(tokenizer=self.tokenizer, seq_len=d.seq_len, paths=list(d.paths), text_field=d.text_field,
+                       memmap_dtype=d.memmap_dtype, eval_fraction=d.eval_fraction, num_samples=d.num_samples,
+                       needle_kwargs=dict(n_keys=d.needle.n_keys, value_digits=d.needle.value_digits,
+                                          loss_on=d.needle.loss_on), seed=d.seed)
+        self.train_set = build_dataset(d.source, split="train", **data_kw)
+        self.eval_set = build_dataset(d.source, split="eval", **data_kw)
+        self.per_rank = t.micro_batch_size * t.grad_accum
+        self.sampler = ResumableSampler(len(self.train_set), self.per_rank * mesh.dp_size, mesh.dp_rank,
+                                        mesh.dp_size, seed=d.seed)
+        self._batches = iter(self.sampler)  # lazy: reads the sampler's position at the first step (after resume)
+        self.step = 0
+        self.wandb_id = None
+        self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
+                         else nullcontext())
+
+    # ---- one optimizer step -------------------------------------------------------------------
+    def _micro_batches(self):
+        idx = next(self._batches)
+        samples = [self.train_set[i] for i in idx]
+        mb = self.cfg.train.micro_batch_size
+        dev = self.mesh.device
+        return [{k: v.to(dev, non_blocking=True) for k, v in collate(samples[i:i + mb]).items() if k in BATCH_KEYS}
+                for i in range(0, len(samples), mb)]
+
+    def train_step(self) -> dict:
+        t, mesh = self.cfg.train, self.mesh
+        t0 = time.perf_counter()
+        batches = self._micro_batches()
+        n_tok = sum((b["labels"] != -100).sum() for b in batches).to(torch.float64)
+        global_tokens = all_reduce_sum(n_tok.clone(), mesh).item()
+        scale = mesh.dp_size / max(global_tokens, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=mesh.device)
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            # DDP all-reduces gradients only on the last micro-batch (forward and backward inside no_sync).
+            with nullcontext() if last or not mesh.distributed else self.module.no_sync():
+                with self.autocast:
+                    loss, _ = self.module(b["input_ids"], b["position_ids"], b["labels"],
+                                          loss_tile_tokens=t.loss_tile_tokens)
+                (loss * scale).backward()
+            loss_sum += loss.detach().double()
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_val = all_reduce_sum(loss_sum, mesh).item() / max(global_tokens, 1.0)
+        if mesh.device.type == "cuda":
+            torch.cuda.synchronize(mesh.device)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        n_seqs = self.per_rank * mesh.dp_size
+        flops_dev = train_flops(self.args, n_seqs, self.cfg.data.seq_len) / mesh.world_size / dt
+        return {"step": self.step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": n_seqs * self.cfg.data.seq_len / dt, "tflops_per_device": flops_dev / 1e12,
+                "mfu": flops_dev / (t.peak_tflops * 1e12), "peak_mem_gib": peak_memory_gib(mesh.device),
+                "step_time_s": dt, "tokens": int(global_tokens)}
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss over the eval set's first `eval_samples` sequences, and needle accuracy when the
+        data has answers (teacher-forced exact match on the answer tokens, the LM head applied only there)."""
+        model, mesh, t = self.model, self.mesh, self.cfg.train
+        model.eval()
+        n = min(t.eval_samples, len(self.eval_set))
+        acc = torch.zeros(4, dtype=torch.float64, device=mesh.device)  # loss_sum, tokens, correct, total
+        for i in range(mesh.dp_rank, n, mesh.dp_size):
+            sample = collate([self.eval_set[i]])
+            b = {k: v.to(mesh.device) for k, v in sample.items() if torch.is_tensor(v)}
+            with self.autocast:
+                h = model.model(b["input_ids"], b["position_ids"])
+                loss, ntok = tiled_cross_entropy(h, model.lm_head.weight, b["labels"], t.loss_tile_tokens)
+                acc[0] += loss.double()
+                acc[1] += ntok
+                if "answer_mask" in b:
+                    mask = b["answer_mask"]
+                    pred = torch.full_like(b["labels"], -1)
+                    pred[mask] = model.lm_head(h[mask]).argmax(-1)
+                    correct, total = needle_accuracy(pred, b)
+                    acc[2] += correct
+                    acc[3] += total
+        all_reduce_sum(acc, mesh)
+        model.train()
+        out = {"step": self.step, "eval_loss": (acc[0] / acc[1].clamp(min=1)).item()}
+        if acc[3] > 0:
+            out["eval_needle_acc"] = (acc[2] / acc[3]).item()
+        return out
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "model_args": dataclasses.asdict(self.args),
+                "wandb_id": self.wandb_id}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_root, step=self.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, mesh=self.mesh, meta=self._meta(),
+                               config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+
+    def maybe_resume(self) -> None:
+        path = find_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+        if path is None:
+            if self.cfg.checkpoint.resume == "auto":
+                log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_root)
+            return
+        meta = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               mesh=self.mesh, args=self.args)
+        self.step = meta["step"]
+        self.sampler.load_state_dict(meta["sampler"])
+        self.wandb_id = meta.get("wandb_id")
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ---- the run ------------------------------------------------------------------------------
+    def write_run_info(self) -> None:
+        if not self.mesh.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        sha = git_sha()
+        (self.run_dir / "config.yaml").write_text(f"# git_sha: {sha}\n" + to_yaml(self.cfg))
+        (self.run_dir / "git_sha.txt").write_text(sha + "\n")
+
+    def run(self) -> dict:
+        cfg, mesh, t = self.cfg, self.mesh, self.cfg.train
+        self.maybe_resume()
+        self.write_run_info()
+        logger = RunLogger(self.run_dir, enabled=mesh.is_main, total_steps=t.steps, wandb_cfg=cfg.logging.wandb,
+                           config_dict=dataclasses.asdict(cfg), wandb_id=self.wandb_id)
+        self.wandb_id = logger.wandb_id
+        n_params = self.model.num_params()
+        log.info("model: %.2fM parameters, %d layers, seq_len %d, %d rank(s) on %s, kernel %s",
+                 n_params / 1e6, self.args.num_hidden_layers, cfg.data.seq_len, mesh.world_size, mesh.device,
+                 t.attention_kernel)
+        stop = _StopFlag()
+        last = {}
+        try:
+            while self.step < t.steps:
+                last = self.train_step()
+                logger.log_step(last)
+                if self.step % t.log_interval == 0 or self.step == t.steps:
+                    logger.progress(last)
+                if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+                    logger.log_eval(self.evaluate())
+                flag = all_reduce_sum(torch.tensor([float(stop.signum)], device=mesh.device), mesh).item()
+                if flag:
+                    log.warning("signal received: saving a checkpoint at step %d and exiting", self.step)
+                    self.save()
+                    return {"preempted": True, "step": self.step, **last}
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < t.steps:
+                    self.save()
+            final_eval = self.evaluate()
+            logger.log_eval(final_eval)
+            self.save()
+            if cfg.checkpoint.export_hf and mesh.is_main:
+                save_hf(self.model, self.run_dir / "hf")
+                log.info("exported HF safetensors to %s", self.run_dir / "hf")
+            return {"preempted": False, "step": self.step, **last, **final_eval}
+        finally:
+            stop.restore()
+            logger.close()
+
+
+def run_training(cfg: Config) -> dict:
+    """Entry point of every rank (single process, torchrun, or the CLI's own launcher)."""
+    mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s)
+    setup_logging(mesh.rank)
+    torch.manual_seed(cfg.train.seed)
+    try:
+        return Trainer(cfg, mesh).run()
+    finally:
+        if mesh.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
