@@ -205,6 +205,17 @@ def _cuda_ok(device: torch.device, dtype: torch.dtype, op_name: str) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+# Both CUDA ops take kv_heads < q_heads natively (no K/V copy, dK/dV come back per kv head); checked on
+# torch 2.11 / H200 against the expanded form (identical) and by tests/gpu. Older torch (the package allows
+# 2.5+) is not checked, so there we expand K/V transiently inside the call, as on CPU.
+_NATIVE_CUDA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.11"
+
+
+def _cuda_kv_group(q: Tensor, k: Tensor) -> int:
+    """How many times to repeat K/V heads before the CUDA op: 1 where the op handles GQA itself."""
+    return 1 if _NATIVE_CUDA_GQA else q.shape[1] // k.shape[1]
+
+
 def _check_head_dim(q: Tensor, name: str) -> None:
     D = q.shape[-1]
     if D % 8 != 0 or D > 256:
@@ -215,9 +226,8 @@ class FlashKernel(BlockKernel):
     """aten._scaled_dot_product_flash_attention (+ _backward): FlashAttention-2 on CUDA.
 
     The op transposes BHSD views to BSHD internally and only needs a unit last stride, so the model's
-    transposed (B, S, H, D) views go in without a copy. FA2 handles GQA natively (kv_heads dividing q_heads),
-    but to stay correct across torch versions we expand K/V like the CPU path (transient, inside the call).
-    Dense (non-varlen) mode: cum_seq_q/k are passed as None (undefined), which selects the dense path.
+    transposed (B, S, H, D) views go in without a copy. GQA: see _cuda_kv_group. Dense (non-varlen) mode:
+    cum_seq_q/k are passed as None (undefined), which selects the dense path.
     """
 
     name = "flash"
@@ -230,14 +240,14 @@ class FlashKernel(BlockKernel):
 
     def _forward(self, q, k, v, causal, scale):
         _check_head_dim(q, self.name)
-        g = q.shape[1] // k.shape[1]
+        g = _cuda_kv_group(q, k)
         q, k, v = (_last_dim_contiguous(t) for t in (q, _expand_kv(k, g), _expand_kv(v, g)))
         res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         return res[0], res[1]  # out (B,H,S,D) view of a BSHD buffer; lse (B,H,S) float32
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
         _check_head_dim(q, self.name)
-        g = q.shape[1] // k.shape[1]
+        g = _cuda_kv_group(q, k)
         ke, ve = _expand_kv(k, g), _expand_kv(v, g)
         q, ke, ve, out, dout = (_last_dim_contiguous(t) for t in (q, ke, ve, out.to(q.dtype), dout.to(q.dtype)))
         # philox seed/offset are read only when dropout_p > 0; ours is 0, so empty int64 tensors will do.
@@ -255,7 +265,7 @@ class CudnnKernel(BlockKernel):
     Backward arguments: attn_bias and cum_seq_q/k are None (undefined; a *defined* cum_seq_q would select
     the nested/varlen path), max_q/max_k are the dense S_q/S_k (the dense path uses them as the sequence
     lengths), philox seed/offset are unused with dropout 0. dO is given O's strides because older cuDNN
-    versions assume the two share a layout. K/V are expanded for GQA (transient) like the other fused ops.
+    versions assume the two share a layout. GQA: see _cuda_kv_group.
     """
 
     name = "cudnn"
@@ -267,7 +277,7 @@ class CudnnKernel(BlockKernel):
 
     def _forward(self, q, k, v, causal, scale):
         _check_head_dim(q, self.name)
-        g = q.shape[1] // k.shape[1]
+        g = _cuda_kv_group(q, k)
         q, k, v = (_last_dim_contiguous(t) for t in (q, _expand_kv(k, g), _expand_kv(v, g)))
         res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
         out, lse = res[0], res[1]
@@ -275,14 +285,14 @@ class CudnnKernel(BlockKernel):
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale):
         _check_head_dim(q, self.name)
-        g = q.shape[1] // k.shape[1]
+        g = _cuda_kv_group(q, k)
         ke, ve = _expand_kv(k, g), _expand_kv(v, g)
         q, ke, ve, out = (_last_dim_contiguous(t) for t in (q, ke, ve, out.to(q.dtype)))
-        if not out.is_non_overlapping_and_dense():
-            out = out.contiguous()
         dout = dout.to(q.dtype)
         if dout.stride() != out.stride():
-            dout = torch.empty_like(out).copy_(dout)  # empty_like keeps out's (dense) strides
+            dout = torch.empty_like(out).copy_(dout)  # empty_like keeps out's strides when out is dense
+        if dout.stride() != out.stride():  # out was not dense, so empty_like fell back to contiguous
+            out, dout = out.contiguous(), dout.contiguous()
         lse_BHS1 = lse.float().contiguous().unsqueeze(-1)
         rng = torch.empty((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(

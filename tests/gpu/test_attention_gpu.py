@@ -4,15 +4,14 @@ Every comparison feeds the *same* bf16 inputs to the fused kernel and to the mat
 float32 and materialises P), then compares in float32. The error metric is max|a - b| / max|b|, relative to
 the tensor's scale (robust to near-zero elements); LSE is compared in absolute terms (it is a log).
 
-Tolerance budget, bf16 (unit roundoff 2^-8 = 3.9e-3):
+Tolerance budget, bf16 (unit roundoff 2^-8 = 3.9e-3). Measured on an H200 (torch 2.11, cuDNN 9.19) over
+every case below, the largest errors were: out 5.7e-3, dq/dk/dv 7.8e-3, lse 1.9e-6 (both kernels alike).
 - out: both results are rounded to bf16 once (<= 3.9e-3 of an element); the fused kernels also round P to
-  bf16 before the P @ V matmul, adding about the same again: 1.5e-2.
-- dq/dk/dv: the fused backward rounds P and dS to bf16 before its matmuls and (flash/cuDNN) accumulates dQ
-  across key tiles; errors of the out budget compound a few times: 3e-2.
-- lse: float32 in both, computed from the same bf16 q/k with fp32 accumulation; only the summation order
-  differs: absolute 2e-3 (DESIGN.md records 2.4e-3 *relative* error of the cuDNN backward against fp32 for
-  external out/lse; that budget is within ours).
-The measured errors are printed (run with -s) so the budget can be tightened with data.
+  bf16 before the P @ V matmul, adding about as much again: 1.5e-2 (2.6x the largest seen).
+- dq/dk/dv: the fused backward also rounds P and dS to bf16 before its matmuls: 2e-2 (2.6x).
+- lse: float32 in both, from the same bf16 q/k with fp32 accumulation; only summation order and exp
+  implementation differ (float32 ulp at lse ~ 10 is 1e-6): absolute 1e-4.
+The measured errors are printed (run with -s), so the budget can be re-derived on other hardware.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from longtrain.attention import KERNELS, block_attention_with_lse, get_kernel, m
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BF16 = torch.bfloat16
-OUT_TOL, GRAD_TOL, LSE_TOL = 1.5e-2, 3e-2, 2e-3
+OUT_TOL, GRAD_TOL, LSE_TOL = 1.5e-2, 2e-2, 1e-4
 FUSED = ["cudnn", "flash"]
 HEADS = [(8, 8), (8, 2), (8, 1)]  # MHA, GQA g=4, MQA
 
@@ -147,6 +146,22 @@ def test_autograd_through_fused_kernel(kernel):
     check_lse(lse, ref_lse)
     for name, leaf, ref in zip("qkv", leaves, ref_grads):
         check(leaf.grad, ref, GRAD_TOL, f"d{name}")
+
+
+@pytest.mark.parametrize("kernel", FUSED)
+def test_fused_backward_with_dout_in_another_layout(kernel):
+    """out in one memory layout (from BSHD views), dout and a float32 out in another: same gradients."""
+    need(kernel)
+    q, k, v, dout = make_qkv(5, 1, 8, 2, 384, 128, "bshd")
+    kern = KERNELS[kernel]
+    out, lse = kern.forward(q, k, v, causal=True, scale=None)
+    ref = kern.backward(dout, q, k, v, out, lse, causal=True, scale=None)
+    got = kern.backward(dout.contiguous(), q, k, v, out.float().contiguous(), lse.contiguous(),
+                        causal=True, scale=None)
+    print(f"\n{kernel} layouts")
+    for name, a, b in zip("qkv", got, ref):
+        # same inputs and kernel, only memory order differs: at most a bf16 rounding of reordered sums.
+        check(a, b, 1e-2, f"d{name}")
 
 
 def test_auto_picks_cudnn_on_h200():
