@@ -45,12 +45,19 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
             "use causal=False for off-diagonal blocks"
         )
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on {q.device}/{k.device}/{v.device}")
+        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
+                         f"on {q.device}/{k.device}/{v.device}")
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     # The fused ops accept any batch/head/seq strides but need the head_dim elements adjacent.
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bshd(t_BHSD: Tensor) -> Tensor:
+    """The same logical BHSD tensor stored in (B, S, H, D) order; free if it already is (a transposed view)."""
+    t_BSHD = t_BHSD.transpose(1, 2)
+    return t_BHSD if t_BSHD.is_contiguous() else t_BSHD.contiguous().transpose(1, 2)
 
 
 def _expand_kv(t_BHSD: Tensor, group: int) -> Tensor:
@@ -219,7 +226,7 @@ def _cuda_kv_group(q: Tensor, k: Tensor) -> int:
 def _check_head_dim(q: Tensor, name: str) -> None:
     D = q.shape[-1]
     if D % 8 != 0 or D > 256:
-        raise ValueError(f"the {name} attention kernel needs head_dim % 8 == 0 and head_dim <= 256, got {D}; use 'math'")
+        raise ValueError(f"the {name} attention kernel needs head_dim % 8 == 0 and <= 256, got {D}; use 'math'")
 
 
 class FlashKernel(BlockKernel):
@@ -264,8 +271,14 @@ class CudnnKernel(BlockKernel):
     cuDNN's LSE is (B, H, S, 1): squeezed to lse_BHS on the way out, unsqueezed on the way into backward.
     Backward arguments: attn_bias and cum_seq_q/k are None (undefined; a *defined* cum_seq_q would select
     the nested/varlen path), max_q/max_k are the dense S_q/S_k (the dense path uses them as the sequence
-    lengths), philox seed/offset are unused with dropout 0. dO is given O's strides because older cuDNN
-    versions assume the two share a layout. GQA: see _cuda_kv_group.
+    lengths), philox seed/offset are unused with dropout 0. GQA: see _cuda_kv_group.
+
+    Layout: every tensor given to the op (q, k, v; out and dout too in backward) is first put in one
+    canonical memory order, BSHD (see _bshd). Measured on torch 2.11 / cuDNN 9.19: torch caches the cuDNN
+    backward graph by q/k/v shapes and strides but not out/dout's, so after one backward with out in BSHD
+    order, a call with the same q/k/v but out/dout in BHSD order returned dq off by 280%, silently (and
+    the other way round). One fixed layout for everything keeps every cached graph valid. BSHD is the
+    order the model's transposed views already have (no copy there); BHSD-contiguous callers pay a copy.
     """
 
     name = "cudnn"
@@ -278,7 +291,7 @@ class CudnnKernel(BlockKernel):
     def _forward(self, q, k, v, causal, scale):
         _check_head_dim(q, self.name)
         g = _cuda_kv_group(q, k)
-        q, k, v = (_last_dim_contiguous(t) for t in (q, _expand_kv(k, g), _expand_kv(v, g)))
+        q, k, v = (_bshd(t) for t in (q, _expand_kv(k, g), _expand_kv(v, g)))
         res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
         out, lse = res[0], res[1]
         return out, lse.reshape(q.shape[:-1])  # (B,H,S,1) -> (B,H,S)
@@ -287,12 +300,7 @@ class CudnnKernel(BlockKernel):
         _check_head_dim(q, self.name)
         g = _cuda_kv_group(q, k)
         ke, ve = _expand_kv(k, g), _expand_kv(v, g)
-        q, ke, ve, out = (_last_dim_contiguous(t) for t in (q, ke, ve, out.to(q.dtype)))
-        dout = dout.to(q.dtype)
-        if dout.stride() != out.stride():
-            dout = torch.empty_like(out).copy_(dout)  # empty_like keeps out's strides when out is dense
-        if dout.stride() != out.stride():  # out was not dense, so empty_like fell back to contiguous
-            out, dout = out.contiguous(), dout.contiguous()
+        q, ke, ve, out, dout = (_bshd(t) for t in (q, ke, ve, out.to(q.dtype), dout.to(q.dtype)))
         lse_BHS1 = lse.float().contiguous().unsqueeze(-1)
         rng = torch.empty((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(

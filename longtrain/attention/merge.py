@@ -34,7 +34,9 @@ def merge_partials(out1_BHSD: Tensor, lse1_BHS: Tensor, out2_BHSD: Tensor, lse2_
             f"lse {tuple(lse1_BHS.shape)} vs {tuple(lse2_BHS.shape)}"
         )
     if lse1_BHS.shape != out1_BHSD.shape[:-1]:
-        raise ValueError(f"lse shape {tuple(lse1_BHS.shape)} must be out's shape without head_dim {tuple(out1_BHSD.shape[:-1])}")
+        raise ValueError(
+            f"lse shape {tuple(lse1_BHS.shape)} must be out's shape without head_dim {tuple(out1_BHSD.shape[:-1])}"
+        )
     o1, o2 = out1_BHSD.float(), out2_BHSD.float()
     l1, l2 = lse1_BHS.float(), lse2_BHS.float()
 

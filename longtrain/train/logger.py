@@ -42,7 +42,7 @@ class RunLogger:
             self.wandb = wandb.init(mode=wandb_cfg.mode, project=wandb_cfg.project, entity=wandb_cfg.entity,
                                     name=wandb_cfg.name or run_dir.name, group=wandb_cfg.group,
                                     tags=list(wandb_cfg.tags), dir=str(run_dir), config=config_dict,
-                                    id=wandb_id, resume="allow")
+                                    id=wandb_id, resume="allow", settings=wandb.Settings(quiet=True))
             self.wandb_id = self.wandb.id
 
     def log_step(self, rec: dict) -> None:

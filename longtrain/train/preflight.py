@@ -15,6 +15,19 @@ def preflight(cfg: Config) -> None:
     from longtrain.train.checkpoint import check_model_shape, find_resume
 
     m, d = cfg.model, cfg.data
+    import torch
+
+    from longtrain.attention import get_kernel
+    from longtrain.models import DTYPES
+
+    t = cfg.train
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA GPU is visible: use train.device=cpu (or auto)")
+    device = torch.device("cuda" if t.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        get_kernel(t.attention_kernel, device, torch.bfloat16 if t.precision == "bf16" else DTYPES[m.dtype])
+    except ValueError as e:
+        raise ConfigError(f"train.attention_kernel={t.attention_kernel!r}: {e}") from None
     try:
         tok = load_tokenizer(d.tokenizer)
         args = model_args(m.preset, m.pretrained, vocab_size=m.vocab_size,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from longtrain.attention import get_kernel
 from longtrain.config import Config, to_yaml
 from longtrain.data import ResumableSampler, build_dataset, collate, load_tokenizer, needle_accuracy
 from longtrain.finetune import apply_finetune_mode
@@ -222,9 +223,10 @@ class Trainer:
                            config_dict=dataclasses.asdict(cfg), wandb_id=self.wandb_id)
         self.wandb_id = logger.wandb_id
         n_params = self.model.num_params()
+        cdtype = torch.bfloat16 if t.precision == "bf16" else DTYPES[cfg.model.dtype]
         log.info("model: %.2fM parameters, %d layers, seq_len %d, %d rank(s) on %s, kernel %s",
                  n_params / 1e6, self.args.num_hidden_layers, cfg.data.seq_len, mesh.world_size, mesh.device,
-                 t.attention_kernel)
+                 get_kernel(t.attention_kernel, mesh.device, cdtype).name)
         stop = _StopFlag()
         last = {}
         try:

@@ -65,6 +65,7 @@ def test_cli_config_show_prints_resolved_config():
     (("train", "debug", "model.vocab_size=100"), "set model.vocab_size=259 or more"),
     (("train", "debug", "data.seq_len=16"), "data.seq_len=16"),
     (("config", "show", "nope"), "recipe 'nope' not found"),
+    (("train", "debug", "train.attention_kernel=cudnn", "train.device=cpu"), "available there: math, cpu_flash"),
 ])
 def test_cli_user_errors_exit_2_without_traceback(args, needle):
     r = _cli(*args)

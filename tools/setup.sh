@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv with longtrain and its test tools. Where no NVIDIA GPU is present, the CPU build of
+# torch 2.13.0 is installed first (so the project's torch range does not pull a CUDA build);
+# with a GPU, pip takes the CUDA build that satisfies pyproject.toml's range.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    python -m pip install -q "torch>=2.5,<2.15"
+  else
+    python -m pip install -q "torch==2.13.0"
+  fi
+fi
+python -m pip install -q -e ".[dev]"
+python -c "import torch, longtrain; print(f'longtrain {longtrain.__version__} ready: torch {torch.__version__}, python in .venv')"
