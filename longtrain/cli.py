@@ -30,20 +30,22 @@ def cmd_config_show(ns) -> int:
 
 
 def cmd_train(ns) -> int:
-    from longtrain.launch import launch_local
+    from longtrain.launch import LaunchFailed, launch_local
     from longtrain.train.preflight import preflight
     from longtrain.train.trainer import run_training
 
     cfg = load_config(ns.recipe, ns.overrides)
     preflight(cfg)
-    if _under_torchrun() or cfg.launch.nproc == 1:
-        summary = run_training(cfg)
-    else:
-        summary = launch_local(cfg)
+    try:
+        summary = run_training(cfg) if _under_torchrun() or cfg.launch.nproc == 1 else launch_local(cfg)
+    except LaunchFailed as e:  # every rank's own error is in the log above; this names who failed and how
+        print(f"longtrain: {'error' if e.user_error else 'training failed'}: {e}", file=sys.stderr)
+        return EXIT_USAGE if e.user_error else 1
     if summary.get("preempted"):
-        print(f"stopped by a signal at step {summary['step']}: checkpoint saved in {cfg.train.output_dir}/checkpoints; "
+        where = f"step {summary['step']}" if summary.get("step") is not None else "the next step boundary"
+        print(f"stopped by a signal at {where}: checkpoint saved in {cfg.train.output_dir}/checkpoints; "
               "run again with checkpoint.resume=auto to continue", file=sys.stderr)
-        return 128 + 15
+        return 128 + summary.get("signal", 15)
     return 0
 
 

@@ -174,6 +174,21 @@ def validate(cfg: Config) -> None:
     r = cfg.checkpoint.resume
     if r is not None and r != "auto" and not Path(r).is_dir():
         raise ConfigError(f"checkpoint.resume={r!r}: use 'auto' or the path of a checkpoint folder")
+    pa = cfg.parallel
+    _choice("parallel.engine", pa.engine, ["deepspeed", "torch"])
+    if pa.engine == "deepspeed":
+        _choice("parallel.zero_stage", pa.zero_stage, [0, 1, 2, 3])
+        if pa.offload_optimizer and pa.zero_stage == 0:
+            raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage >= 1")
+        if pa.offload_params and pa.zero_stage != 3:
+            raise ConfigError(f"parallel.offload_params=true needs parallel.zero_stage=3 (got {pa.zero_stage})")
+    elif pa.offload_optimizer or pa.offload_params or pa.zero_stage not in (0, 2):
+        raise ConfigError("parallel.zero_stage / offload_* need parallel.engine=deepspeed "
+                          f"(engine={pa.engine!r} replicates all states)")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in cfg.deepspeed:
+            raise ConfigError(f"deepspeed.{key} is derived from train.micro_batch_size / train.grad_accum: set those")
     _positive("launch.nproc", cfg.launch.nproc)
     _choice("launch.backend", cfg.launch.backend, ["auto", "gloo", "nccl"])
     _positive("launch.timeout_s", cfg.launch.timeout_s)
+    _positive("launch.hang_timeout_s", cfg.launch.hang_timeout_s, allow_zero=True)

@@ -8,7 +8,7 @@ from these comments by `tools/config_doc.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -70,7 +70,11 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    ddp_bucket_cap_mb: int = 25  # gradient all-reduce bucket size for the data-parallel engine (MiB)
+    engine: str = "deepspeed"  # deepspeed (ZeRO) | torch (plain DDP, replicated optimizer states)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters sharded
+    offload_optimizer: bool = False  # DeepSpeed: optimizer states and update on the CPU (needs ZeRO >= 1)
+    offload_params: bool = False  # DeepSpeed: parameters in host memory between uses (needs ZeRO-3)
+    ddp_bucket_cap_mb: int = 25  # torch engine: gradient all-reduce bucket size (MiB)
 
 
 @dataclass
@@ -115,7 +119,8 @@ class CheckpointConfig:
 class LaunchConfig:
     nproc: int = 1  # local processes when not started by torchrun (the CLI launches them itself)
     backend: str = "auto"  # process group backend: auto (nccl on cuda, gloo on cpu) | gloo | nccl
-    timeout_s: int = 600  # collective timeout (seconds): a hung rank fails every rank after this
+    timeout_s: int = 600  # collective timeout (seconds): a dead or hung peer fails every rank after this
+    hang_timeout_s: int = 3600  # a training step running longer than this dumps every thread's stack and exits (0 = off)
     master_port: int = 0  # rendezvous port for self-launched runs (0 = pick a free one)
 
 
@@ -130,3 +135,4 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed config keys merged over longtrain's (yours win)

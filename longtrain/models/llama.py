@@ -155,12 +155,25 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+class LMHead(nn.Linear):
+    """The output projection; with labels it returns the tiled loss instead of logits.
+
+    The loss goes through this module's forward (not through `lm_head.weight` read from outside) so
+    engines that gather sharded weights around a module's forward (ZeRO-3) see the use.
+    """
+
+    def forward(self, h: Tensor, labels: Tensor | None = None, tile_tokens: int = 4096):
+        if labels is None:
+            return super().forward(h)
+        return tiled_cross_entropy(h, self.weight, labels, tile_tokens=tile_tokens)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, args: LlamaArgs, attention_kernel: str = "auto"):
         super().__init__()
         self.args = args
         self.model = LlamaModel(args, attention_kernel)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = LMHead(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -180,10 +193,7 @@ class LlamaForCausalLM(nn.Module):
         """With labels: (loss_sum, n_label_tokens) from the tiled loss; without: full logits (B, S, V)."""
         if position_ids_BS is None:
             position_ids_BS = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device).expand_as(input_ids_BS)
-        h = self.model(input_ids_BS, position_ids_BS)
-        if labels_BS is None:
-            return self.lm_head(h)
-        return tiled_cross_entropy(h, self.lm_head.weight, labels_BS, tile_tokens=loss_tile_tokens)
+        return self.lm_head(self.model(input_ids_BS, position_ids_BS), labels_BS, loss_tile_tokens)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

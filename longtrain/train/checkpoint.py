@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longtrain.config import ConfigError
 from longtrain.models.presets import LlamaArgs
 from longtrain.parallel.mesh import Mesh
 
@@ -57,29 +58,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save(obj, path: Path) -> None:
+def save_file(obj, path: Path) -> None:
+    """torch.save, flushed to disk before returning (a rename after it must never expose a partial file)."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
 
 
-def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, scheduler, mesh: Mesh, meta: dict,
-                    config_yaml: str, keep_last: int) -> Path:
+def save_checkpoint(ckpt_root: Path, *, step: int, engine, mesh: Mesh, meta: dict, config_yaml: str,
+                    keep_last: int) -> Path:
+    """Collective: every rank calls. On a write error (disk full) the partial folder is removed on
+    every rank and the error re-raised; the previous checkpoint and `latest` are untouched."""
     name = f"step_{step:08d}"
     final, tmp = ckpt_root / name, ckpt_root / f"{name}.tmp"
     if mesh.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(mesh)
-    _save(rng_state(), tmp / f"rng_rank{mesh.rank}.pt")
-    if mesh.is_main:  # the plain engine replicates model and optimizer: rank 0 writes them
-        _save(model.state_dict(), tmp / "model.pt")
-        _save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": mesh.world_size}, indent=2))
-    _barrier(mesh)
+    error = None
+    try:
+        engine.save(tmp)
+        save_file(rng_state(), tmp / f"rng_rank{mesh.rank}.pt")
+        if mesh.is_main:
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": mesh.world_size,
+                                                       "engine": engine.name}, indent=2))
+    except OSError as e:
+        error = e
+    if _any_rank(error is not None, mesh):
+        if mesh.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier(mesh)
+        raise OSError(f"checkpoint at step {step} failed ({error or 'on another rank'}); "
+                      f"the previous checkpoint in {ckpt_root} is intact")
     if mesh.is_main:
+        for f in tmp.rglob("*"):  # the engine's own files too: flushed before the rename publishes them
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -88,11 +105,19 @@ def save_checkpoint(ckpt_root: Path, *, step: int, model, optimizer, scheduler, 
         pointer_tmp.write_text(name)
         os.replace(pointer_tmp, ckpt_root / "latest")
         _fsync_dir(ckpt_root)
-        for old in sorted(complete_checkpoints(ckpt_root))[:-keep_last]:
+        for old in complete_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
     _barrier(mesh)
     return final
+
+
+def _any_rank(flag: bool, mesh: Mesh) -> bool:
+    if not mesh.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=mesh.device)
+    dist.all_reduce(t, group=mesh.dp_group)
+    return bool(t.item())
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -109,7 +134,7 @@ def find_resume(spec: str | None, ckpt_root: Path) -> Path | None:
     if spec != "auto":
         path = Path(spec)
         if not (path / "meta.json").is_file():
-            raise ValueError(f"checkpoint.resume={spec!r} is not a complete checkpoint (no meta.json)")
+            raise ConfigError(f"checkpoint.resume={spec!r} is not a complete checkpoint (no meta.json)")
         return path
     pointer = ckpt_root / "latest"
     if pointer.is_file():
@@ -125,17 +150,20 @@ def check_model_shape(path: Path, meta: dict, args: LlamaArgs) -> None:
     now = dataclasses.asdict(args)
     diff = [f"{k}={saved.get(k)!r} (checkpoint) vs {now[k]!r} (recipe)" for k in now if saved.get(k) != now[k]]
     if diff:
-        raise ValueError(f"checkpoint {path} was saved for another model shape: {'; '.join(diff)}. "
+        raise ConfigError(f"checkpoint {path} was saved for another model shape: {'; '.join(diff)}. "
                          "Resume with the recipe that wrote it, or start a new output_dir.")
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, mesh: Mesh, args: LlamaArgs) -> dict:
+def load_checkpoint(path: Path, *, engine, mesh: Mesh, args: LlamaArgs) -> dict:
     meta = json.loads((path / "meta.json").read_text())
     check_model_shape(path, meta, args)
-    model.load_state_dict(torch.load(path / "model.pt", map_location=mesh.device, weights_only=True))
-    opt = torch.load(path / "optim.pt", map_location=mesh.device, weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
+    if meta.get("engine", "torch") != engine.name:
+        raise ConfigError(f"checkpoint {path} was written by parallel.engine={meta.get('engine')!r}; this run uses "
+                         f"{engine.name!r}: resume with the engine that wrote it")
+    if engine.name == "deepspeed" and meta.get("world_size") != mesh.world_size:
+        raise ConfigError(f"checkpoint {path} holds ZeRO shards of {meta.get('world_size')} ranks; this run has "
+                         f"{mesh.world_size}: resume with the same number of ranks")
+    engine.load(path)
     rng = path / f"rng_rank{mesh.rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=False))

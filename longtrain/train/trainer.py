@@ -9,23 +9,23 @@ therefore that of one process seeing the whole global batch, whatever the number
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import subprocess
+import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from longtrain.attention import get_kernel
-from longtrain.config import Config, to_yaml
+from longtrain.config import Config, ConfigError, to_yaml
 from longtrain.data import ResumableSampler, build_dataset, collate, load_tokenizer, needle_accuracy
 from longtrain.finetune import apply_finetune_mode
 from longtrain.models import DTYPES, build_model, model_args, save_hf
-from longtrain.models.loss import tiled_cross_entropy
-from longtrain.parallel import Mesh, all_reduce_sum, init_mesh, parallelize_model, unwrap
+from longtrain.parallel import Mesh, all_reduce_sum, init_mesh, parallelize_model
 from longtrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from longtrain.train.engine import build_engine
+from longtrain.train.watchdog import StepWatchdog
 from longtrain.train.logger import RunLogger, log, setup_logging
 from longtrain.train.metrics import peak_memory_gib, train_flops
 
@@ -56,24 +56,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
-    t = cfg.train
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
-
-    def lr_lambda(step: int) -> float:  # linear warmup, then cosine from 1 to min_lr_ratio
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-
-
 class Trainer:
     def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
@@ -91,8 +73,8 @@ class Trainer:
                                  attention_kernel=t.attention_kernel, pretrained=m.pretrained,
                                  init_std=m.init_std, seed=t.seed)
         apply_finetune_mode(self.model, cfg.finetune)
-        self.module = parallelize_model(self.model, cfg, mesh)
-        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, mesh.device)
+        parallelize_model(self.model, cfg, mesh)
+        self.engine = build_engine(self.model, cfg, mesh)
         data_kw = dict(tokenizer=self.tokenizer, seq_len=d.seq_len, paths=list(d.paths), text_field=d.text_field,
                        memmap_dtype=d.memmap_dtype, eval_fraction=d.eval_fraction, num_samples=d.num_samples,
                        needle_kwargs=dict(n_keys=d.needle.n_keys, value_digits=d.needle.value_digits,
@@ -105,8 +87,7 @@ class Trainer:
         self._batches = iter(self.sampler)  # lazy: reads the sampler's position at the first step (after resume)
         self.step = 0
         self.wandb_id = None
-        self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
-                         else nullcontext())
+        self.autocast = self.engine.autocast
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _micro_batches(self):
@@ -124,22 +105,16 @@ class Trainer:
         n_tok = sum((b["labels"] != -100).sum() for b in batches).to(torch.float64)
         global_tokens = all_reduce_sum(n_tok.clone(), mesh).item()
         scale = mesh.dp_size / max(global_tokens, 1.0)
+        lr = self.engine.lr  # the rate this step's update uses
         loss_sum = torch.zeros((), dtype=torch.float64, device=mesh.device)
         for i, b in enumerate(batches):
-            last = i == len(batches) - 1
-            # DDP all-reduces gradients only on the last micro-batch (forward and backward inside no_sync).
-            with nullcontext() if last or not mesh.distributed else self.module.no_sync():
+            with self.engine.micro_context(last=i == len(batches) - 1):
                 with self.autocast:
-                    loss, _ = self.module(b["input_ids"], b["position_ids"], b["labels"],
-                                          loss_tile_tokens=t.loss_tile_tokens)
-                (loss * scale).backward()
+                    loss, _ = self.engine.module(b["input_ids"], b["position_ids"], b["labels"],
+                                                 loss_tile_tokens=t.loss_tile_tokens)
+                self.engine.backward(loss * scale)
             loss_sum += loss.detach().double()
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step()
         loss_val = all_reduce_sum(loss_sum, mesh).item() / max(global_tokens, 1.0)
         if mesh.device.type == "cuda":
             torch.cuda.synchronize(mesh.device)
@@ -166,7 +141,7 @@ class Trainer:
             b = {k: v.to(mesh.device) for k, v in sample.items() if torch.is_tensor(v)}
             with self.autocast:
                 h = model.model(b["input_ids"], b["position_ids"])
-                loss, ntok = tiled_cross_entropy(h, model.lm_head.weight, b["labels"], t.loss_tile_tokens)
+                loss, ntok = model.lm_head(h, b["labels"], t.loss_tile_tokens)
                 acc[0] += loss.double()
                 acc[1] += ntok
                 if "answer_mask" in b:
@@ -189,8 +164,7 @@ class Trainer:
                 "wandb_id": self.wandb_id}
 
     def save(self) -> Path:
-        return save_checkpoint(self.ckpt_root, step=self.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, mesh=self.mesh, meta=self._meta(),
+        return save_checkpoint(self.ckpt_root, step=self.step, engine=self.engine, mesh=self.mesh, meta=self._meta(),
                                config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
 
     def maybe_resume(self) -> None:
@@ -199,8 +173,7 @@ class Trainer:
             if self.cfg.checkpoint.resume == "auto":
                 log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_root)
             return
-        meta = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                               mesh=self.mesh, args=self.args)
+        meta = load_checkpoint(path, engine=self.engine, mesh=self.mesh, args=self.args)
         self.step = meta["step"]
         self.sampler.load_state_dict(meta["sampler"])
         self.wandb_id = meta.get("wandb_id")
@@ -228,10 +201,13 @@ class Trainer:
                  n_params / 1e6, self.args.num_hidden_layers, cfg.data.seq_len, mesh.world_size, mesh.device,
                  get_kernel(t.attention_kernel, mesh.device, cdtype).name)
         stop = _StopFlag()
+        watchdog = StepWatchdog(cfg.launch.hang_timeout_s, mesh.rank)
         last = {}
         try:
             while self.step < t.steps:
+                watchdog.arm(self.step + 1)
                 last = self.train_step()
+                watchdog.disarm()
                 logger.log_step(last)
                 if self.step % t.log_interval == 0 or self.step == t.steps:
                     logger.progress(last)
@@ -241,28 +217,56 @@ class Trainer:
                 if flag:
                     log.warning("signal received: saving a checkpoint at step %d and exiting", self.step)
                     self.save()
-                    return {"preempted": True, "step": self.step, **last}
+                    return {**last, "preempted": True, "step": self.step, "signal": int(flag)}
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < t.steps:
                     self.save()
             final_eval = self.evaluate()
             logger.log_eval(final_eval)
             self.save()
-            if cfg.checkpoint.export_hf and mesh.is_main:
-                save_hf(self.model, self.run_dir / "hf")
-                log.info("exported HF safetensors to %s", self.run_dir / "hf")
+            if cfg.checkpoint.export_hf:
+                state = self.engine.full_state_dict()  # collective under ZeRO-3
+                if mesh.is_main:
+                    save_hf(self.model, self.run_dir / "hf", state_dict=state)
+                    log.info("exported HF safetensors to %s", self.run_dir / "hf")
             return {"preempted": False, "step": self.step, **last, **final_eval}
         finally:
+            watchdog.disarm()
             stop.restore()
             logger.close()
 
 
+def _is_comm_error(e: RuntimeError) -> bool:
+    """A failed or timed-out collective (NCCL raises DistError; gloo plain RuntimeErrors)."""
+    text = str(e)
+    return isinstance(e, torch.distributed.DistError) or any(
+        s in text for s in ("Timed out", "Connection closed by peer", "Connection reset", "NCCL", "gloo"))
+
+
 def run_training(cfg: Config) -> dict:
-    """Entry point of every rank (single process, torchrun, or the CLI's own launcher)."""
-    mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s)
+    """Entry point of every rank (single process, torchrun, or the CLI's own launcher).
+
+    User errors found only here (a checkpoint that does not fit) print one line and exit with code 2;
+    a collective that times out (a dead or hung peer) says so, names the timeout, and exits with 1.
+    """
+    mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s,
+                     need_group=cfg.parallel.engine == "deepspeed")
     setup_logging(mesh.rank)
     torch.manual_seed(cfg.train.seed)
     try:
-        return Trainer(cfg, mesh).run()
+        trainer = Trainer(cfg, mesh)
+        summary = trainer.run()
+        summary.setdefault("signal", 15)
+        return summary
+    except ConfigError as e:
+        print(f"longtrain: error (rank {mesh.rank}): {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except RuntimeError as e:
+        if not _is_comm_error(e):
+            raise
+        print(f"longtrain: rank {mesh.rank}: a collective failed or did not finish within launch.timeout_s="
+              f"{cfg.launch.timeout_s}s: a peer rank died or hangs ({str(e).strip().splitlines()[0][:300]})",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
-        if mesh.distributed and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# One node, all its GPUs (or NPROC processes):  launchers/torchrun.sh RECIPE [key=value ...]
+set -euo pipefail
+NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+[ "$NPROC" -ge 1 ] || NPROC=1
+exec torchrun --standalone --nproc-per-node "$NPROC" -m longtrain train "$@"
