@@ -105,3 +105,16 @@ def test_resume_with_another_model_shape_is_refused(tmp_path):
     _train(out, "train.steps=2", "checkpoint.export_hf=false")
     r = _train(out, "train.steps=4", "checkpoint.resume=auto", "model.preset=tiny", check=False)
     assert r.returncode == 2 and "another model shape" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wandb_offline_run_is_resumed_under_the_same_id(tmp_path):
+    out = tmp_path / "run"
+    wb = ["logging.wandb.mode=offline", "checkpoint.export_hf=false", "train.eval_interval=0"]
+    _train(out, "train.steps=3", *wb)
+    _train(out, "train.steps=5", "checkpoint.resume=auto", *wb)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs
+    ids = {r.name.rsplit("-", 1)[1] for r in runs}
+    assert len(ids) == 1, runs  # one W&B run continued, not two
+    meta = json.loads((out / "checkpoints" / "step_00000005" / "meta.json").read_text())
+    assert meta["wandb_id"] == ids.pop()
