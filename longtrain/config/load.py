@@ -175,6 +175,10 @@ def validate(cfg: Config) -> None:
     if r is not None and r != "auto" and not Path(r).is_dir():
         raise ConfigError(f"checkpoint.resume={r!r}: use 'auto' or the path of a checkpoint folder")
     pa = cfg.parallel
+    _positive("parallel.sp.degree", pa.sp.degree)
+    if pa.sp.degree > 1:
+        raise ConfigError(f"parallel.sp.degree={pa.sp.degree}: sequence-parallel attention is not in this version yet "
+                          "(process groups and data sharding are); use parallel.sp.degree=1")
     _choice("parallel.engine", pa.engine, ["deepspeed", "torch"])
     if pa.engine == "deepspeed":
         _choice("parallel.zero_stage", pa.zero_stage, [0, 1, 2, 3])

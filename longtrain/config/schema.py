@@ -69,7 +69,13 @@ class TrainConfig:
 
 
 @dataclass
+class SequenceParallelConfig:
+    degree: int = 1  # ranks that share one sequence (consecutive ranks); must divide the number of ranks
+
+
+@dataclass
 class ParallelConfig:
+    sp: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
     engine: str = "deepspeed"  # deepspeed (ZeRO) | torch (plain DDP, replicated optimizer states)
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 + gradients, 3 + parameters sharded
     offload_optimizer: bool = False  # DeepSpeed: optimizer states and update on the CPU (needs ZeRO >= 1)

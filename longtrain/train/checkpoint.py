@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def _barrier(mesh: Mesh) -> None:
     if mesh.distributed:
-        dist.barrier(group=mesh.dp_group)
+        dist.barrier(group=mesh.world_group)
 
 
 def rng_state() -> dict:
@@ -116,7 +116,7 @@ def _any_rank(flag: bool, mesh: Mesh) -> bool:
     if not mesh.distributed:
         return flag
     t = torch.tensor([float(flag)], device=mesh.device)
-    dist.all_reduce(t, group=mesh.dp_group)
+    dist.all_reduce(t, group=mesh.world_group)
     return bool(t.item())
 
 

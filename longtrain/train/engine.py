@@ -65,9 +65,9 @@ class TorchEngine:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [mesh.device.index] if mesh.device.type == "cuda" else None
-            self.module = DistributedDataParallel(model, device_ids=ids, process_group=mesh.dp_group,
+            self.module = DistributedDataParallel(model, device_ids=ids, process_group=mesh.world_group,
                                                   bucket_cap_mb=cfg.parallel.ddp_bucket_cap_mb)
-            log.info("engine torch: DDP over %d ranks", mesh.dp_size)
+            log.info("engine torch: DDP over %d ranks", mesh.world_size)
         self.optimizer = _adamw(param_groups(model, cfg.train.weight_decay), cfg, mesh.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
@@ -124,7 +124,7 @@ def deepspeed_config(cfg: Config, mesh: Mesh) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * mesh.dp_size,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * mesh.world_size,  # DeepSpeed counts every rank
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},

@@ -21,6 +21,14 @@ def preflight(cfg: Config) -> None:
     from longtrain.models import DTYPES
 
     t = cfg.train
+    import os
+
+    from longtrain.parallel.mesh import check_sp_degree
+
+    try:
+        check_sp_degree(cfg.parallel.sp.degree, int(os.environ.get("WORLD_SIZE", cfg.launch.nproc)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA GPU is visible: use train.device=cpu (or auto)")
     device = torch.device("cuda" if t.device != "cpu" and torch.cuda.is_available() else "cpu")

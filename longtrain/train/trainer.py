@@ -2,8 +2,9 @@
 technique reaches it only through `parallelize_model`, so nothing here branches on them.
 
 Loss normalisation: each rank sums its per-token losses; every micro-batch's gradient is scaled by
-dp_size / (labelled tokens in the whole global batch), and DDP averages over dp ranks. The update is
-therefore that of one process seeing the whole global batch, whatever the number of ranks.
+world_size / (labelled tokens in the whole global batch), and the engine averages gradients over all
+ranks. The update is therefore that of one process seeing the whole global batch, whatever the
+number of ranks.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Trainer:
         batches = self._micro_batches()
         n_tok = sum((b["labels"] != -100).sum() for b in batches).to(torch.float64)
         global_tokens = all_reduce_sum(n_tok.clone(), mesh).item()
-        scale = mesh.dp_size / max(global_tokens, 1.0)
+        scale = mesh.world_size / max(global_tokens, 1.0)  # engines average gradients over every rank
         lr = self.engine.lr  # the rate this step's update uses
         loss_sum = torch.zeros((), dtype=torch.float64, device=mesh.device)
         for i, b in enumerate(batches):
@@ -249,7 +250,7 @@ def run_training(cfg: Config) -> dict:
     a collective that times out (a dead or hung peer) says so, names the timeout, and exits with 1.
     """
     mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s,
-                     need_group=cfg.parallel.engine == "deepspeed")
+                     need_group=cfg.parallel.engine == "deepspeed", sp_degree=cfg.parallel.sp.degree)
     setup_logging(mesh.rank)
     torch.manual_seed(cfg.train.seed)
     try:
