@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 def merge_partials(out1_BHSD: Tensor, lse1_BHS: Tensor, out2_BHSD: Tensor, lse2_BHS: Tensor) -> tuple[Tensor, Tensor]:
-    """Return (out_BHSD, lse_BHS) in float32 for the union of the two key sets.
+    """Return (out_BHSD, lse_BHS) in float32 (float64 when an input is float64) for the union of the key sets.
 
     Exact form: l = logaddexp(l1, l2), o = exp(l1 - l) * o1 + exp(l2 - l) * o2. We use the equivalent
         o = o1 - sigmoid(l2 - l1) * (o1 - o2),    l = l1 - logsigmoid(l1 - l2)
@@ -37,8 +37,9 @@ def merge_partials(out1_BHSD: Tensor, lse1_BHS: Tensor, out2_BHSD: Tensor, lse2_
         raise ValueError(
             f"lse shape {tuple(lse1_BHS.shape)} must be out's shape without head_dim {tuple(out1_BHSD.shape[:-1])}"
         )
-    o1, o2 = out1_BHSD.float(), out2_BHSD.float()
-    l1, l2 = lse1_BHS.float(), lse2_BHS.float()
+    acc = torch.promote_types(torch.promote_types(out1_BHSD.dtype, out2_BHSD.dtype), torch.float32)
+    o1, o2 = out1_BHSD.to(acc), out2_BHSD.to(acc)
+    l1, l2 = lse1_BHS.to(acc), lse2_BHS.to(acc)
 
     out = o1 - torch.sigmoid(l2 - l1).unsqueeze(-1) * (o1 - o2)
     lse = l1 - F.logsigmoid(l1 - l2)
