@@ -176,9 +176,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.resume={r!r}: use 'auto' or the path of a checkpoint folder")
     pa = cfg.parallel
     _positive("parallel.sp.degree", pa.sp.degree)
+    _choice("parallel.sp.method", pa.sp.method, ["ring", "token_ring", "ulysses"])
+    _choice("parallel.sp.layout", pa.sp.layout, ["zigzag", "contiguous"])
     if pa.sp.degree > 1:
-        raise ConfigError(f"parallel.sp.degree={pa.sp.degree}: sequence-parallel attention is not in this version yet "
-                          "(process groups and data sharding are); use parallel.sp.degree=1")
+        from longtrain.parallel.sharding import check_layout
+
+        try:
+            check_layout(d.seq_len, pa.sp.degree, pa.sp.layout)
+        except ValueError as e:
+            raise ConfigError(f"data.seq_len with parallel.sp.degree={pa.sp.degree}: {e}") from None
     _choice("parallel.engine", pa.engine, ["deepspeed", "torch"])
     if pa.engine == "deepspeed":
         _choice("parallel.zero_stage", pa.zero_stage, [0, 1, 2, 3])

@@ -42,6 +42,11 @@ def preflight(cfg: Config) -> None:
                           max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    sp = cfg.parallel.sp
+    if sp.method == "ulysses" and sp.degree > 1 and args.num_attention_heads % sp.degree:
+        raise ConfigError(f"parallel.sp.method=ulysses scatters heads: parallel.sp.degree={sp.degree} does not divide "
+                          f"the model's {args.num_attention_heads} query heads; use ring or token_ring, or a degree "
+                          f"in {[x for x in range(1, args.num_attention_heads + 1) if args.num_attention_heads % x == 0]}")
     if args.vocab_size < tok.vocab_size:
         raise ConfigError(f"model vocab_size={args.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids: "
                           f"set model.vocab_size={tok.vocab_size} or more")

@@ -20,10 +20,11 @@ import torch
 
 from longtrain.attention import get_kernel
 from longtrain.config import Config, ConfigError, to_yaml
-from longtrain.data import ResumableSampler, build_dataset, collate, load_tokenizer, needle_accuracy
+from longtrain.data import ResumableSampler, build_dataset, collate, load_tokenizer
 from longtrain.finetune import apply_finetune_mode
 from longtrain.models import DTYPES, build_model, model_args, save_hf
 from longtrain.parallel import Mesh, all_reduce_sum, init_mesh, parallelize_model
+from longtrain.parallel.sharding import shard_sequence
 from longtrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from longtrain.train.engine import build_engine
 from longtrain.train.watchdog import StepWatchdog
@@ -91,13 +92,23 @@ class Trainer:
         self.autocast = self.engine.autocast
 
     # ---- one optimizer step -------------------------------------------------------------------
+    def _to_device(self, batch: dict, keys) -> dict:
+        """This rank's part of a (B, S) batch on the device: the sp layout's tokens of each sequence
+        (their global position ids included, so RoPE needs nothing else)."""
+        mesh, lay = self.mesh, self.cfg.parallel.sp.layout
+        out = {}
+        for k in keys:
+            v = batch[k]
+            if mesh.sp_size > 1:
+                v = shard_sequence(v, 1, layout=lay, rank=mesh.sp_rank, world=mesh.sp_size)
+            out[k] = v.to(mesh.device, non_blocking=True)
+        return out
+
     def _micro_batches(self):
         idx = next(self._batches)
         samples = [self.train_set[i] for i in idx]
         mb = self.cfg.train.micro_batch_size
-        dev = self.mesh.device
-        return [{k: v.to(dev, non_blocking=True) for k, v in collate(samples[i:i + mb]).items() if k in BATCH_KEYS}
-                for i in range(0, len(samples), mb)]
+        return [self._to_device(collate(samples[i:i + mb]), BATCH_KEYS) for i in range(0, len(samples), mb)]
 
     def train_step(self) -> dict:
         t, mesh = self.cfg.train, self.mesh
@@ -137,21 +148,23 @@ class Trainer:
         model.eval()
         n = min(t.eval_samples, len(self.eval_set))
         acc = torch.zeros(4, dtype=torch.float64, device=mesh.device)  # loss_sum, tokens, correct, total
-        for i in range(mesh.dp_rank, n, mesh.dp_size):
+        for i in range(mesh.dp_rank, n, mesh.dp_size):  # the ranks of an sp group share sample i
             sample = collate([self.eval_set[i]])
-            b = {k: v.to(mesh.device) for k, v in sample.items() if torch.is_tensor(v)}
+            b = self._to_device(sample, [k for k, v in sample.items() if torch.is_tensor(v)])
             with self.autocast:
                 h = model.model(b["input_ids"], b["position_ids"])
                 loss, ntok = model.lm_head(h, b["labels"], t.loss_tile_tokens)
                 acc[0] += loss.double()
                 acc[1] += ntok
-                if "answer_mask" in b:
+                if "answer_mask" in b:  # exact match over answer tokens that may sit on several sp ranks
                     mask = b["answer_mask"]
-                    pred = torch.full_like(b["labels"], -1)
-                    pred[mask] = model.lm_head(h[mask]).argmax(-1)
-                    correct, total = needle_accuracy(pred, b)
-                    acc[2] += correct
-                    acc[3] += total
+                    wrong = (model.lm_head(h[mask]).argmax(-1) != b["labels"][mask]).sum()
+                    counts = torch.stack([mask.sum(), wrong]).double()
+                    if mesh.sp_size > 1:
+                        all_reduce_sum(counts, mesh, group=mesh.sp_group)
+                    if mesh.sp_rank == 0 and counts[0] > 0:
+                        acc[2] += float(counts[1] == 0)
+                        acc[3] += 1
         all_reduce_sum(acc, mesh)
         model.train()
         out = {"step": self.step, "eval_loss": (acc[0] / acc[1].clamp(min=1)).item()}
@@ -198,8 +211,9 @@ class Trainer:
         self.wandb_id = logger.wandb_id
         n_params = self.model.num_params()
         cdtype = torch.bfloat16 if t.precision == "bf16" else DTYPES[cfg.model.dtype]
-        log.info("model: %.2fM parameters, %d layers, seq_len %d, %d rank(s) on %s, kernel %s",
-                 n_params / 1e6, self.args.num_hidden_layers, cfg.data.seq_len, mesh.world_size, mesh.device,
+        log.info("model: %.2fM parameters, %d layers, seq_len %d, %d rank(s) (dp %d x sp %d) on %s, kernel %s",
+                 n_params / 1e6, self.args.num_hidden_layers, cfg.data.seq_len, mesh.world_size, mesh.dp_size,
+                 mesh.sp_size, mesh.device,
                  get_kernel(t.attention_kernel, mesh.device, cdtype).name)
         stop = _StopFlag()
         watchdog = StepWatchdog(cfg.launch.hang_timeout_s, mesh.rank)

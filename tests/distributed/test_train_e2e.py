@@ -57,6 +57,25 @@ def test_two_processes_match_one(tmp_path, engine, rel):
         torch.testing.assert_close(b[k], a[k], rtol=rel, atol=rel, msg=k)  # weights are O(0.1), norms O(1)
 
 
+@pytest.mark.parametrize("sp,rel", [(["parallel.engine=torch", "parallel.sp.method=ring"], 1e-9),
+                                    (["parallel.zero_stage=2", "parallel.sp.layout=contiguous"], 1e-6)],
+                         ids=["ring-zigzag-ddp", "ring-contiguous-zero2"])
+def test_sequence_parallel_training_matches_one_process(tmp_path, sp, rel):
+    """sp=2: each rank holds half of every sequence; losses and eval equal the unsharded run's
+    (float64: same arithmetic up to the order of additions; ZeRO: fp32 master weights, see above)."""
+    _train(tmp_path / "one", *EXACT, "parallel.engine=torch")
+    r = _train(tmp_path / "sp", *EXACT, *sp, "launch.nproc=2", "parallel.sp.degree=2")
+    assert "dp 1 x sp 2" in r.stderr
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "sp")
+    assert list(two) == list(one)
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=rel), s
+    ev = [json.loads(x) for x in (tmp_path / "sp" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    ev1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert [e["eval_loss"] for e in ev] == pytest.approx([e["eval_loss"] for e in ev1], rel=rel)
+    assert [e["eval_needle_acc"] for e in ev] == [e["eval_needle_acc"] for e in ev1]
+
+
 def test_recompute_policy_gives_the_same_losses(tmp_path):
     _train(tmp_path / "keep", *EXACT)
     _train(tmp_path / "recompute", *EXACT, "memory.activation.policy=recompute")
