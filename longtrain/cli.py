@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longtrain", description="Train LLMs on million-token sequences.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a recipe")
-    t.add_argument("recipe", help="YAML path or recipe name (e.g. quickstart)")
+    t.add_argument("recipe", nargs="?", default="quickstart",
+                   help="YAML path or recipe name (default: quickstart, the CPU first run)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=20")
     t.set_defaults(fn=cmd_train)
     c = sub.add_parser("config", help="inspect recipes")
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if getattr(ns, "recipe", None) and "=" in ns.recipe:  # `longtrain train key=value ...`: the default recipe
+        ns.overrides.insert(0, ns.recipe)
+        ns.recipe = "quickstart"
     try:
         return ns.fn(ns)
     except ConfigError as e:

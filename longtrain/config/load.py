@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from longtrain.config.schema import Config
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # longtrain/recipes: the repo's recipes/, shipped in the wheel
 
 
 class ConfigError(ValueError):

@@ -1,10 +1,10 @@
-"""Point-to-point exchange with ring neighbours, the only communication the ring methods use.
+"""Point-to-point communication of the sequence-parallel methods: the only way they talk.
 
-One `RingComm` per attention call. `exchange(tensors)` posts the sends to the next rank and the
-receives from the previous one (asynchronously: NCCL runs them on its own stream, so they overlap
-the block kernel the caller runs next) and returns the receive buffers; `wait()` must come before
-those buffers are read or the sent tensors are modified. A second `exchange` before `wait` is
-refused: it would reuse buffers still in flight.
+`P2PComm.post(sends, recvs)` posts one batch of sends and receives with any peers of the group
+(asynchronously: NCCL runs them on its own stream, so they overlap the block kernel the caller runs
+next) and returns the receive buffers; `wait()` must come before those buffers are read or the sent
+tensors are modified. A second `post` before `wait` is refused: it would reuse buffers still in
+flight. Sent tensors and receive buffers stay referenced until `wait`.
 """
 
 from __future__ import annotations
@@ -14,29 +14,28 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-class RingComm:
-    def __init__(self, group):
-        group = group or dist.group.WORLD
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world)
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+class P2PComm:
+    def __init__(self, group, name: str, device: torch.device | None = None):
+        self.group = group or dist.group.WORLD
+        self.name, self.device = name, device
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
         self._reqs: list | None = None
+        self._inflight = None
 
-    def exchange(self, tensors: list[Tensor], to_prev: bool = False) -> list[Tensor]:
-        """Send `tensors` one hop (to next, or to prev when `to_prev`), receive the same shapes from the
-        other side. Returns fresh receive buffers (double buffering: the sent ones stay untouched)."""
+    def post(self, sends: list[tuple[Tensor, int]], recvs: list[tuple[tuple, torch.dtype, int]]) -> list[Tensor]:
+        """sends: (tensor, peer); recvs: (shape, dtype, peer); peers are group ranks (taken mod N).
+        Returns the receive buffers, in order."""
         if self._reqs is not None:
-            raise RuntimeError("RingComm.exchange called while a previous exchange is in flight: wait() first")
-        dst, src = (self.prev, self.next) if to_prev else (self.next, self.prev)
-        send = [t.contiguous() for t in tensors]
-        recv = [torch.empty_like(t) for t in send]
-        ops = [dist.P2POp(dist.isend, t, dst, self.group) for t in send]
-        ops += [dist.P2POp(dist.irecv, r, src, self.group) for r in recv]
-        self._reqs = dist.batch_isend_irecv(ops)
+            raise RuntimeError(f"P2PComm({self.name}).post called while a previous batch is in flight: wait() first")
+        send = [(t.contiguous(), p) for t, p in sends]
+        recv = [(torch.empty(shape, dtype=dt, device=self.device), p) for shape, dt, p in recvs]
+        g = lambda p: dist.get_global_rank(self.group, p % self.world)  # noqa: E731
+        ops = [dist.P2POp(dist.isend, t, g(p), self.group) for t, p in send]
+        ops += [dist.P2POp(dist.irecv, t, g(p), self.group) for t, p in recv]
+        self._reqs = dist.batch_isend_irecv(ops) if ops else []
         self._inflight = (send, recv)  # keep both alive until wait()
-        return recv
+        return [t for t, _ in recv]
 
     def wait(self) -> None:
         if self._reqs is None:

@@ -15,6 +15,10 @@ step (`_blocks`) follows from the layout (sharding.py):
                                    (chunk r lies before both received chunks)
 so under zigzag every rank does half a block at every step.
 
+`bidirectional=True` (method `ring_bidir`): two lanes, the first half of the KV heads (with the query
+heads that read them) moving +1, the second half -1 (src = r + s), each with the same block schedule
+for its own src; both directions of every link then carry half the bytes.
+
 Forward: the next K/V are in flight while the current block runs; partial results are merged in
 fp32 with their LSE (merge.py). Backward (DESIGN.md section 3): every block's backward uses the
 *final* out and LSE; dQ accumulates locally in fp32; dK/dV accumulators (fp32) travel the ring
@@ -28,18 +32,20 @@ from torch import Tensor
 
 from longtrain.attention import get_kernel, merge_partials
 from longtrain.attention.kernels import BlockKernel
-from longtrain.parallel.comm import RingComm
+from longtrain.parallel.comm import P2PComm
 
 ALL = slice(None)
 
 
-def _blocks(step: int, rank: int, n: int, s_local: int, causal: bool, layout: str) -> list[tuple[slice, slice, bool]]:
-    """(query rows, key rows, causal?) of the block work at `step`."""
+def _blocks(step: int, rank: int, n: int, s_local: int, causal: bool, layout: str,
+            direction: int = 1) -> list[tuple[slice, slice, bool]]:
+    """(query rows, key rows, causal?) of the block work at `step`, K/V moving `direction` (+1: from
+    rank - step; -1: from rank + step)."""
     if not causal:
         return [(ALL, ALL, False)]
     if step == 0:
         return [(ALL, ALL, True)]
-    src = (rank - step) % n
+    src = (rank - direction * step) % n
     if layout == "contiguous":
         return [(ALL, ALL, False)] if src < rank else []
     half = s_local // 2
@@ -52,80 +58,114 @@ def _t(x_BSHD: Tensor) -> Tensor:
     return x_BSHD.transpose(1, 2)  # a BHSD view over BSHD memory (what the kernels take)
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: RingComm, *, causal: bool, layout: str,
-                 kernel: BlockKernel, scale: float | None) -> tuple[Tensor, Tensor]:
+def _lanes(h: int, hkv: int, bidirectional: bool) -> list[tuple[slice, slice, int]]:
+    """(query heads, KV heads, direction) of each lane. Bidirectional: the first half of the KV heads
+    (and the query heads that read them under GQA) travel clockwise, the second half counter-clockwise,
+    so both directions of every link carry half the bytes."""
+    if not bidirectional:
+        return [(ALL, ALL, 1)]
+    if hkv % 2:
+        raise ValueError(f"the bidirectional ring splits the KV heads in two: {hkv} KV heads is odd; use method=ring")
+    return [(slice(0, h // 2), slice(0, hkv // 2), 1), (slice(h // 2, None), slice(hkv // 2, None), -1)]
+
+
+def _hop(comm: P2PComm, lanes, tensors_per_lane: list[list[Tensor]]) -> list[list[Tensor]]:
+    """Post every lane's tensors one hop in its direction, in one batch; returns the receive buffers."""
+    r = comm.rank
+    sends = [(t, r + d) for (_, _, d), ts in zip(lanes, tensors_per_lane) for t in ts]
+    recvs = [(t.shape, t.dtype, r - d) for (_, _, d), ts in zip(lanes, tensors_per_lane) for t in ts]
+    flat = iter(comm.post(sends, recvs))
+    return [[next(flat) for _ in ts] for ts in tensors_per_lane]
+
+
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: P2PComm, *, causal: bool, layout: str,
+                 kernel: BlockKernel, scale: float | None, bidirectional: bool = False) -> tuple[Tensor, Tensor]:
     b, s, h, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 running result (fp64 stays fp64)
     out = torch.zeros(b, h, s, d, dtype=acc, device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
-    n = comm.world
+    n, lanes = comm.world, _lanes(h, k.shape[2], bidirectional)
+    kv = [[k[:, :, kh], v[:, :, kh]] for _, kh, _ in lanes]
     for step in range(n):
-        nxt = comm.exchange([k, v]) if step < n - 1 else None
-        for qs, ks, c in _blocks(step, comm.rank, n, s, causal, layout):
-            o_blk, l_blk = kernel.forward(_t(q[:, qs]), _t(k[:, ks]), _t(v[:, ks]), causal=c, scale=scale)
-            out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], o_blk, l_blk)
+        nxt = _hop(comm, lanes, kv) if step < n - 1 else None
+        for (qh, _, direction), (k_l, v_l) in zip(lanes, kv):
+            for qs, ks, c in _blocks(step, comm.rank, n, s, causal, layout, direction):
+                o_blk, l_blk = kernel.forward(_t(q[:, qs, qh]), _t(k_l[:, ks]), _t(v_l[:, ks]), causal=c, scale=scale)
+                out[:, qh, qs], lse[:, qh, qs] = merge_partials(out[:, qh, qs], lse[:, qh, qs], o_blk, l_blk)
         if nxt is not None:
             comm.wait()
-            k, v = nxt
+            kv = nxt
     return out.transpose(1, 2).to(q.dtype), lse
 
 
-def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_comm: RingComm,
-                  dkv_comm: RingComm, *, causal: bool, layout: str, kernel: BlockKernel,
-                  scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_comm: P2PComm,
+                  dkv_comm: P2PComm, *, causal: bool, layout: str, kernel: BlockKernel,
+                  scale: float | None, bidirectional: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     b, s, h, d = q.shape
-    n = kv_comm.world
+    n, lanes = kv_comm.world, _lanes(h, k.shape[2], bidirectional)
     acc = torch.promote_types(q.dtype, torch.float32)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device)
+    kv = [[k[:, :, kh], v[:, :, kh]] for _, kh, _ in lanes]
+    dkv = [[torch.zeros(t.shape, dtype=acc, device=t.device) for t in pair] for pair in kv]
     dkv_in_flight = None
     for step in range(n):
-        nxt = kv_comm.exchange([k, v]) if step < n - 1 else None
-        dk_blk = torch.zeros_like(dk_acc)
-        dv_blk = torch.zeros_like(dv_acc)
-        for qs, ks, c in _blocks(step, kv_comm.rank, n, s, causal, layout):
-            dq_b, dk_b, dv_b = kernel.backward(_t(dout[:, qs]), _t(q[:, qs]), _t(k[:, ks]), _t(v[:, ks]),
-                                               _t(out[:, qs]), lse[:, :, qs], causal=c, scale=scale)
-            dq[:, qs] += _t(dq_b)
-            dk_blk[:, ks] += _t(dk_b)
-            dv_blk[:, ks] += _t(dv_b)
+        nxt = _hop(kv_comm, lanes, kv) if step < n - 1 else None
+        blk = [[torch.zeros_like(t) for t in pair] for pair in dkv]
+        for (qh, _, direction), (k_l, v_l), (dk_b, dv_b) in zip(lanes, kv, blk):
+            for qs, ks, c in _blocks(step, kv_comm.rank, n, s, causal, layout, direction):
+                dq_i, dk_i, dv_i = kernel.backward(_t(dout[:, qs, qh]), _t(q[:, qs, qh]), _t(k_l[:, ks]),
+                                                   _t(v_l[:, ks]), _t(out[:, qs, qh]), lse[:, qh, qs], causal=c,
+                                                   scale=scale)
+                dq[:, qs, qh] += _t(dq_i)
+                dk_b[:, ks] += _t(dk_i)
+                dv_b[:, ks] += _t(dv_i)
         if dkv_in_flight is not None:  # the accumulators of this step's K/V, from the previous rank
             dkv_comm.wait()
-            dk_acc, dv_acc = dkv_in_flight
-        dk_acc += dk_blk
-        dv_acc += dv_blk
-        dkv_in_flight = dkv_comm.exchange([dk_acc, dv_acc])
+            dkv = dkv_in_flight
+        for pair, pair_b in zip(dkv, blk):
+            for t, t_b in zip(pair, pair_b):
+                t += t_b
+        dkv_in_flight = _hop(dkv_comm, lanes, dkv)
         if nxt is not None:
             kv_comm.wait()
-            k, v = nxt
+            kv = nxt
     dkv_comm.wait()  # after N hops the accumulators of our own K/V are back, with every rank's share
-    dk, dv = dkv_in_flight
+    dk = torch.cat([pair[0] for pair in dkv_in_flight], dim=2)
+    dv = torch.cat([pair[1] for pair in dkv_in_flight], dim=2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal: bool, layout: str, kernel: BlockKernel, scale):
-        out, lse = ring_forward(q, k, v, RingComm(group), causal=causal, layout=layout, kernel=kernel, scale=scale)
+    def forward(ctx, q, k, v, group, causal: bool, layout: str, kernel: BlockKernel, scale, bidirectional: bool):
+        out, lse = ring_forward(q, k, v, P2PComm(group, "ring", q.device), causal=causal, layout=layout,
+                                kernel=kernel, scale=scale, bidirectional=bidirectional)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, layout, kernel, scale)
+        ctx.args = (group, causal, layout, kernel, scale, bidirectional)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, causal, layout, kernel, scale = ctx.args
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, RingComm(group), RingComm(group),
-                                   causal=causal, layout=layout, kernel=kernel, scale=scale)
-        return dq, dk, dv, None, None, None, None, None
+        group, causal, layout, kernel, scale, bidirectional = ctx.args
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, P2PComm(group, "ring", q.device),
+                                   P2PComm(group, "ring", q.device), causal=causal, layout=layout, kernel=kernel,
+                                   scale=scale, bidirectional=bidirectional)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def ring_attention(q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor, *, group, causal: bool = True,
-                   layout: str = "zigzag", kernel: str | BlockKernel = "auto",
-                   scale: float | None = None) -> tuple[Tensor, Tensor]:
+                   layout: str = "zigzag", kernel: str | BlockKernel = "auto", scale: float | None = None,
+                   bidirectional: bool = False) -> tuple[Tensor, Tensor]:
     """Attention of the whole sequence for this rank's queries; returns (out_BSHD, lse_BHS fp32)."""
     kern = get_kernel(kernel, q_BSHD.device, q_BSHD.dtype)
+    _lanes(q_BSHD.shape[2], k_BSHD.shape[2], bidirectional)  # refuse odd KV heads before any communication
     return RingAttention.apply(q_BSHD.contiguous(), k_BSHD.contiguous(), v_BSHD.contiguous(), group, causal, layout,
-                               kern, scale)
+                               kern, scale, bidirectional)
+
+
+def bidirectional_ring_attention(q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor, **kw) -> tuple[Tensor, Tensor]:
+    """Two counter-rotating K/V rings, half of the KV heads each: both directions of every link busy
+    with half the ring's bytes (the GQA alternative to TokenRing, DESIGN.md section 3)."""
+    return ring_attention(q_BSHD, k_BSHD, v_BSHD, bidirectional=True, **kw)

@@ -4,7 +4,8 @@
 
 q (batch, S_local, H, D), k/v (batch, S_local, Hkv, D) hold this rank's tokens in the layout's order
 (sharding.py); the result is this rank's rows of softmax(QK^T/sqrt(D))V over all S_global keys,
-differentiable w.r.t. q, k, v. Methods: ring (ring.py: K/V travel the ring), token_ring (token_ring.py:
+differentiable w.r.t. q, k, v. Methods: ring (ring.py: K/V travel the ring), ring_bidir (ring.py: two
+counter-rotating K/V rings, half the KV heads each), token_ring (token_ring.py:
 queries travel, results return straight to their owner, both link directions busy), ulysses (ulysses.py:
 all-to-all from sequence shards to head shards).
 """
@@ -15,12 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longtrain.parallel.ring import ring_attention
+from longtrain.parallel.ring import bidirectional_ring_attention, ring_attention
 from longtrain.parallel.sharding import check_layout
 from longtrain.parallel.token_ring import token_ring_attention
 from longtrain.parallel.ulysses import ulysses_attention
 
-METHODS = {"ring": ring_attention, "token_ring": token_ring_attention, "ulysses": ulysses_attention}
+METHODS = {"ring": ring_attention, "ring_bidir": bidirectional_ring_attention, "token_ring": token_ring_attention,
+           "ulysses": ulysses_attention}
 _checked: set = set()
 
 

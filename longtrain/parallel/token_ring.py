@@ -56,6 +56,7 @@ from torch import Tensor
 
 from longtrain.attention import get_kernel, merge_partials
 from longtrain.attention.kernels import BlockKernel
+from longtrain.parallel.comm import P2PComm
 from longtrain.parallel.sharding import check_layout
 
 ALL = slice(None)
@@ -88,41 +89,6 @@ def _t(x_BSHD: Tensor) -> Tensor:
 
 def _rows(sl: slice, s_local: int) -> int:
     return len(range(s_local)[sl])
-
-
-class P2PComm:
-    """One batch of point-to-point sends/receives with any peers (group ranks) at a time.
-
-    Like comm.RingComm: a second `post` before `wait` is refused (its buffers would still be in
-    flight), and the sent tensors and receive buffers stay referenced until `wait`.
-    """
-
-    def __init__(self, group, name: str, device: torch.device):
-        self.group = group or dist.group.WORLD
-        self.name, self.device = name, device
-        self.rank = dist.get_rank(self.group)
-        self.world = dist.get_world_size(self.group)
-        self._reqs: list | None = None
-
-    def post(self, sends: list[tuple[Tensor, int]], recvs: list[tuple[tuple, torch.dtype, int]]) -> list[Tensor]:
-        """sends: (tensor, peer); recvs: (shape, dtype, peer). Returns the receive buffers, in order."""
-        if self._reqs is not None:
-            raise RuntimeError(f"P2PComm({self.name}).post called while a previous batch is in flight: wait() first")
-        send = [(t.contiguous(), p) for t, p in sends]
-        recv = [(torch.empty(shape, dtype=dt, device=self.device), p) for shape, dt, p in recvs]
-        g = lambda p: dist.get_global_rank(self.group, p % self.world)  # noqa: E731
-        ops = [dist.P2POp(dist.isend, t, g(p), self.group) for t, p in send]
-        ops += [dist.P2POp(dist.irecv, t, g(p), self.group) for t, p in recv]
-        self._reqs = dist.batch_isend_irecv(ops) if ops else []
-        self._inflight = (send, recv)  # keep both alive until wait()
-        return [t for t, _ in recv]
-
-    def wait(self) -> None:
-        if self._reqs is None:
-            return
-        for r in self._reqs:
-            r.wait()
-        self._reqs = self._inflight = None
 
 
 def _comms(group, device: torch.device) -> tuple[P2PComm, P2PComm]:

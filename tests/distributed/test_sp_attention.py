@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 # (method, layout, causal, heads, kv_heads, dtype, kernel)
 CASES = [(m, lay, causal, h, hkv, dt, ker)
-         for m in ("ring", "token_ring", "ulysses")
+         for m in ("ring", "ring_bidir", "token_ring", "ulysses")
          for lay in ("zigzag", "contiguous")
          for causal in (True, False)
          for h, hkv in ((4, 4), (4, 2))
@@ -103,6 +103,11 @@ def run_cases(world: int, cases: list) -> None:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ring_matches_unsharded_reference(world):
     run_cases(world, [c for c in CASES if c[0] == "ring"])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_bidirectional_ring_matches_unsharded_reference(world):
+    run_cases(world, [c for c in CASES if c[0] == "ring_bidir"])
 
 
 def test_bad_layout_length_is_refused():

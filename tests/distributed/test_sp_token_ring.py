@@ -49,15 +49,13 @@ def _bytes_worker(rank, world, port, q_out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    from longtrain.parallel import comm, token_ring
+    from longtrain.parallel import comm
     from longtrain.parallel.sp_attention import sp_attention_with_lse
 
-    log = []  # (channel, bytes this rank sent in one batch), in posting order
-    post, exchange = token_ring.P2PComm.post, comm.RingComm.exchange
-    token_ring.P2PComm.post = lambda self, sends, recvs: (
+    log = []  # (channel, bytes this rank sent in one batch), in posting order; ring batches are named "ring"
+    post = comm.P2PComm.post
+    comm.P2PComm.post = lambda self, sends, recvs: (
         log.append((self.name, sum(t.numel() * t.element_size() for t, _ in sends))), post(self, sends, recvs))[1]
-    comm.RingComm.exchange = lambda self, ts, to_prev=False: (
-        log.append(("ring", sum(t.numel() * t.element_size() for t in ts))), exchange(self, ts, to_prev))[1]
     try:
         results = []
         for layout, causal, h, hkv in BYTE_CASES:
