@@ -176,7 +176,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.resume={r!r}: use 'auto' or the path of a checkpoint folder")
     pa = cfg.parallel
     _positive("parallel.sp.degree", pa.sp.degree)
-    _choice("parallel.sp.method", pa.sp.method, ["ring", "token_ring", "ulysses"])
+    _choice("parallel.sp.method", pa.sp.method, ["ring", "ring_bidir", "token_ring", "ulysses"])
     _choice("parallel.sp.layout", pa.sp.layout, ["zigzag", "contiguous"])
     if pa.sp.degree > 1:
         from longtrain.parallel.sharding import check_layout

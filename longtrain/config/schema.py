@@ -71,7 +71,7 @@ class TrainConfig:
 @dataclass
 class SequenceParallelConfig:
     degree: int = 1  # ranks that share one sequence (consecutive ranks); must divide the number of ranks
-    method: str = "ring"  # ring (K/V travel) | token_ring (queries travel, results return) | ulysses (all-to-all of heads)
+    method: str = "ring"  # ring (K/V travel) | ring_bidir (two counter-rotating K/V rings) | token_ring (queries travel, results return) | ulysses (all-to-all of heads)
     layout: str = "zigzag"  # zigzag (causal load balance, S % 2*degree == 0) | contiguous (S % degree == 0)
 
 
