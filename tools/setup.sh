@@ -17,9 +17,11 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install -q -e ".[dev]"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  # DeepSpeed compiles its CPU shared-memory comm op the first time its comm backend starts (about a
-  # minute). Build it once here, so that the first training run (or test) does not stall on it.
-  DS_ACCELERATOR=cpu python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
-    || echo "note: DeepSpeed's CPU comm op did not build; DeepSpeed will try again at its first use"
+  # DeepSpeed compiles its CPU shared-memory comm op the first time its comm backend starts, and its
+  # CPU Adam the first time optimizer offload is used (about a minute each). Build both once here, so
+  # that the first training run (or test) does not stall on them.
+  DS_ACCELERATOR=cpu python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()
+from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" >/dev/null 2>&1 \
+    || echo "note: DeepSpeed's CPU ops did not build; DeepSpeed will try again at their first use"
 fi
 python -c "import torch, longtrain; print(f'longtrain {longtrain.__version__} ready: torch {torch.__version__}, python in .venv')"

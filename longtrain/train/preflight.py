@@ -47,6 +47,9 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"parallel.sp.method=ulysses scatters heads: parallel.sp.degree={sp.degree} does not divide "
                           f"the model's {args.num_attention_heads} query heads; use ring or token_ring, or a degree "
                           f"in {[x for x in range(1, args.num_attention_heads + 1) if args.num_attention_heads % x == 0]}")
+    if sp.method == "ring_bidir" and sp.degree > 1 and args.num_key_value_heads % 2:
+        raise ConfigError(f"parallel.sp.method=ring_bidir splits the KV heads in two, the model has "
+                          f"{args.num_key_value_heads}: use parallel.sp.method=ring")
     if args.vocab_size < tok.vocab_size:
         raise ConfigError(f"model vocab_size={args.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids: "
                           f"set model.vocab_size={tok.vocab_size} or more")

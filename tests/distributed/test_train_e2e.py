@@ -33,15 +33,25 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The unsharded reference: one process, plain torch engine, float64."""
+    out = tmp_path_factory.mktemp("ref") / "one"
+    _train(out, *EXACT, "parallel.engine=torch", "checkpoint.export_hf=true")
+    return out
+
+
 # ZeRO keeps its master weights in fp32 whatever the model dtype, so after each update the weights
 # are those of the float64 run rounded to fp32 (relative 6e-8); six steps stay well inside 1e-6.
-@pytest.mark.parametrize("engine,rel", [(["parallel.engine=torch"], 1e-9), (["parallel.zero_stage=2"], 1e-6),
-                                        (["parallel.zero_stage=3"], 1e-6)], ids=["ddp", "zero2", "zero3"])
-def test_two_processes_match_one(tmp_path, engine, rel):
-    _train(tmp_path / "one", *EXACT, "parallel.engine=torch", "checkpoint.export_hf=true")
+# The offload case runs the update in DeepSpeed's CPU Adam, with parameters in host memory between uses.
+@pytest.mark.parametrize("engine,rel", [
+    (["parallel.engine=torch"], 1e-9), (["parallel.zero_stage=2"], 1e-6), (["parallel.zero_stage=3"], 1e-6),
+    (["parallel.zero_stage=3", "parallel.offload_optimizer=true", "parallel.offload_params=true"], 1e-6)],
+    ids=["ddp", "zero2", "zero3", "zero3-offload"])
+def test_two_processes_match_one(tmp_path, one_process, engine, rel):
     _train(tmp_path / "two", *EXACT, *engine, "launch.nproc=2", "train.micro_batch_size=1",
            "checkpoint.export_hf=true")
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = _losses(one_process), _losses(tmp_path / "two")
     assert list(one) == list(range(1, 7)) and list(two) == list(one)
     for s in one:
         assert two[s] == pytest.approx(one[s], rel=rel), s
@@ -50,7 +60,7 @@ def test_two_processes_match_one(tmp_path, engine, rel):
     assert (run / "config.yaml").read_text().startswith("# git_sha:")
     assert (run / "checkpoints" / "latest").read_text() == "step_00000006"
     # the exported model (gathered from ZeRO-3 shards where sharded) is the single-process model
-    a = load_file(str(tmp_path / "one" / "hf" / "model.safetensors"))
+    a = load_file(str(one_process / "hf" / "model.safetensors"))
     b = load_file(str(run / "hf" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -60,18 +70,17 @@ def test_two_processes_match_one(tmp_path, engine, rel):
 @pytest.mark.parametrize("sp,rel", [(["parallel.engine=torch", "parallel.sp.method=ring"], 1e-9),
                                     (["parallel.zero_stage=2", "parallel.sp.layout=contiguous"], 1e-6)],
                          ids=["ring-zigzag-ddp", "ring-contiguous-zero2"])
-def test_sequence_parallel_training_matches_one_process(tmp_path, sp, rel):
+def test_sequence_parallel_training_matches_one_process(tmp_path, one_process, sp, rel):
     """sp=2: each rank holds half of every sequence; losses and eval equal the unsharded run's
     (float64: same arithmetic up to the order of additions; ZeRO: fp32 master weights, see above)."""
-    _train(tmp_path / "one", *EXACT, "parallel.engine=torch")
     r = _train(tmp_path / "sp", *EXACT, *sp, "launch.nproc=2", "parallel.sp.degree=2")
     assert "dp 1 x sp 2" in r.stderr
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "sp")
+    one, two = _losses(one_process), _losses(tmp_path / "sp")
     assert list(two) == list(one)
     for s in one:
         assert two[s] == pytest.approx(one[s], rel=rel), s
     ev = [json.loads(x) for x in (tmp_path / "sp" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
-    ev1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    ev1 = [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
     assert [e["eval_loss"] for e in ev] == pytest.approx([e["eval_loss"] for e in ev1], rel=rel)
     assert [e["eval_needle_acc"] for e in ev] == [e["eval_needle_acc"] for e in ev1]
 
