@@ -116,3 +116,30 @@ def test_bad_layout_length_is_refused():
     with pytest.raises(ValueError, match=r"sequence length 100 is not divisible by 8 \(zigzag layout over 4 ranks"):
         check_layout(100, 4, "zigzag")
     check_layout(100, 4, "contiguous")
+
+
+def _mismatch_worker(rank, world, port, q_out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo")
+    try:
+        s_local = 8 if rank == 0 else 12  # rank 0 holds fewer tokens than the others
+        q, k, v = (torch.randn(1, s_local, 2, 8) for _ in range(3))
+        sp_attention_with_lse(q, k, v, group=None, method="ring", layout="contiguous", kernel="math")
+        q_out.put((rank, "no error"))
+    except ValueError as e:
+        q_out.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mismatched_shapes_across_ranks_fail_on_every_rank():
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_mismatch_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get() for _ in range(2))
+    for p in procs:
+        p.join(60)
+    assert all("differ across the sp group" in m and "rank 0: q (1, 8, 2, 8)" in m for m in got.values()), got
