@@ -10,6 +10,13 @@ from longtrain.config import Config, ConfigError
 from longtrain.models import model_args
 
 
+def model_shape(cfg: Config):
+    """The model's shape: the preset's or the HF folder's, with the recipe's overrides."""
+    m = cfg.model
+    return model_args(m.preset, m.pretrained, vocab_size=m.vocab_size,
+                      max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings)
+
+
 def preflight(cfg: Config) -> None:
     from longtrain.data import build_dataset, load_tokenizer
     from longtrain.train.checkpoint import check_model_shape, find_resume
@@ -38,8 +45,7 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"train.attention_kernel={t.attention_kernel!r}: {e}") from None
     try:
         tok = load_tokenizer(d.tokenizer)
-        args = model_args(m.preset, m.pretrained, vocab_size=m.vocab_size,
-                          max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings)
+        args = model_shape(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     sp = cfg.parallel.sp

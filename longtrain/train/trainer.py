@@ -22,14 +22,15 @@ from longtrain.attention import get_kernel
 from longtrain.config import Config, ConfigError, to_yaml
 from longtrain.data import ResumableSampler, build_dataset, collate, load_tokenizer
 from longtrain.finetune import apply_finetune_mode
-from longtrain.models import DTYPES, build_model, model_args, save_hf
+from longtrain.models import DTYPES, build_model, save_hf
 from longtrain.parallel import Mesh, all_reduce_sum, init_mesh, parallelize_model
 from longtrain.parallel.sharding import shard_sequence
 from longtrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from longtrain.train.engine import build_engine
-from longtrain.train.watchdog import StepWatchdog
 from longtrain.train.logger import RunLogger, log, setup_logging
 from longtrain.train.metrics import peak_memory_gib, train_flops
+from longtrain.train.preflight import model_shape
+from longtrain.train.watchdog import StepWatchdog
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids")
 
@@ -65,12 +66,8 @@ class Trainer:
         self.run_dir = Path(t.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = load_tokenizer(d.tokenizer)
-        self.args = model_args(m.preset, m.pretrained, vocab_size=m.vocab_size,
-                               max_position_embeddings=m.max_position_embeddings,
-                               tie_word_embeddings=m.tie_word_embeddings)
-        if self.args.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model vocab_size={self.args.vocab_size} is smaller than the tokenizer's "
-                             f"{self.tokenizer.vocab_size} ids: set model.vocab_size={self.tokenizer.vocab_size} or more")
+        self.args = model_shape(cfg)
+        assert self.args.vocab_size >= self.tokenizer.vocab_size, "preflight checks the vocabulary"
         self.model = build_model(self.args, device=mesh.device, dtype=DTYPES[m.dtype],
                                  attention_kernel=t.attention_kernel, pretrained=m.pretrained,
                                  init_std=m.init_std, seed=t.seed)

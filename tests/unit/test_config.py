@@ -72,3 +72,9 @@ def test_cli_user_errors_exit_2_without_traceback(args, needle):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_defaults_to_the_quickstart_recipe():
+    r = _cli("config", "show", "train.steps=3")  # overrides alone: the embedded default recipe
+    assert r.returncode == 0, r.stderr
+    assert "preset: tiny" in r.stdout and "steps: 3" in r.stdout
