@@ -3,17 +3,16 @@
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from longtrain.data import ResumableSampler
-from longtrain.parallel.mesh import check_sp_degree, free_port, init_mesh
+from longtrain.parallel.mesh import check_sp_degree, init_mesh
+from ranks import spawn_ranks
 
 pytestmark = pytest.mark.slow
 
 
-def _worker(rank, world, sp, port, q):
+def _worker(rank, world, port, sp, q):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -33,16 +32,7 @@ def _worker(rank, world, sp, port, q):
 
 @pytest.mark.parametrize("world,sp", [(4, 2), (3, 3), (3, 1)])
 def test_mesh_groups_and_data_sharding(world, sp):
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, sp, port, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = sorted(q.get() for _ in range(world))
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    got = sorted(spawn_ranks(_worker, world, sp))
     for rank, dp_rank, sp_rank, members, idx in got:
         assert (dp_rank, sp_rank) == divmod(rank, sp)  # sp groups are runs of consecutive ranks
         assert members["sp"] == list(range(dp_rank * sp, dp_rank * sp + sp))

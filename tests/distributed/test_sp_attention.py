@@ -13,12 +13,11 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from longtrain.attention import block_attention_with_lse
-from longtrain.parallel.mesh import free_port
 from longtrain.parallel.sharding import shard_sequence, unshard_sequence
 from longtrain.parallel.sp_attention import sp_attention_with_lse
+from ranks import spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -79,15 +78,7 @@ def _worker(rank, world, port, cases, q_out):
 
 def run_cases(world: int, cases: list) -> None:
     """Run `cases` on `world` gloo processes and assert every rank's errors are within TOL."""
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    reports = [q.get() for _ in range(world)]
-    for p in procs:
-        p.join(120)
+    reports = spawn_ranks(_worker, world, cases)
     failures = []
     for rank, results, err in reports:
         assert err is None, f"rank {rank}:\n{err}"
@@ -133,13 +124,5 @@ def _mismatch_worker(rank, world, port, q_out):
 
 
 def test_mismatched_shapes_across_ranks_fail_on_every_rank():
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_mismatch_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get() for _ in range(2))
-    for p in procs:
-        p.join(60)
+    got = dict(spawn_ranks(_mismatch_worker, 2))
     assert all("differ across the sp group" in m and "rank 0: q (1, 8, 2, 8)" in m for m in got.values()), got

@@ -3,20 +3,17 @@
 token_ring.py's docstring (computed from the posted tensors' shapes, not measured on a link)."""
 
 import os
-import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ is no package: import the harness file
 from test_sp_attention import CASES, run_cases  # noqa: E402
 
-from longtrain.parallel.mesh import free_port  # noqa: E402
 from longtrain.parallel.sharding import shard_sequence  # noqa: E402
 from longtrain.parallel.token_ring import wire_bytes  # noqa: E402
+from ranks import spawn_ranks
 
 
 @pytest.mark.slow
@@ -109,15 +106,7 @@ def _expected(rank, world, layout, causal, method, w, s_local):
 @pytest.mark.slow
 def test_wire_bytes_posted_per_step():
     world = 3
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_bytes_worker, args=(r, world, port, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    reports = [q.get() for _ in range(world)]
-    for p in procs:
-        p.join(120)
+    reports = spawn_ranks(_bytes_worker, world)
     for rank, results, err in reports:
         assert err is None, f"rank {rank}:\n{err}"
         for (layout, causal, h, hkv, method), q_shape, kv_shape, fwd, bwd in results:

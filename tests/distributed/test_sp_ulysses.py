@@ -4,20 +4,16 @@ does not divide the heads: a ValueError on every rank, no hang, the group still 
 """
 
 import os
-import queue
-import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from longtrain.parallel.mesh import free_port
 from longtrain.parallel.ulysses import kv_replication
+from ranks import spawn_ranks
 
 # tests/ is no package: import the harness by module name from this folder, which spawned workers can repeat
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_sp_attention import CASES, TOL, _reference, _rel, run_cases  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -78,27 +74,8 @@ def _batch1_worker(rank, world, port, q_out):
         dist.destroy_process_group()
 
 
-def _spawn(worker, world: int) -> list:
-    """Run worker(rank, world, port, queue) on `world` processes; a rank that never reports fails the test."""
-    ctx = mp.get_context("spawn")
-    q_out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, q_out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        return [q_out.get(timeout=120) for _ in range(world)]
-    except queue.Empty:
-        pytest.fail("a rank hung (no report within 120 s)")
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.terminate()
-
-
 def test_batch1_without_reordering():
-    for rank, bad, err in _spawn(_batch1_worker, 2):
+    for rank, bad, err in spawn_ranks(_batch1_worker, 2):
         assert err is None, f"rank {rank}:\n{err}"
         assert not bad, f"rank {rank}: " + "\n".join(bad)
 
@@ -133,7 +110,7 @@ def _refusal_worker(rank, world, port, q_out):
 
 def test_indivisible_heads_refused_on_every_rank():
     world = 3
-    reports = _spawn(_refusal_worker, world)
+    reports = spawn_ranks(_refusal_worker, world)
     for rank, msgs, ok, err in reports:
         assert err is None, f"rank {rank}:\n{err}"
         assert ok == world, f"rank {rank}: the group is out of step after the refusal"

@@ -7,12 +7,11 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from longtrain.attention import block_attention_with_lse
-from longtrain.parallel.mesh import free_port
 from longtrain.parallel.sharding import shard_sequence
 from longtrain.parallel.sp_attention import METHODS, sp_attention_with_lse
+from ranks import spawn_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs")]
 
@@ -62,15 +61,7 @@ def _worker(rank, world, port, q_out):
 
 def test_sp_attention_bf16_nccl_matches_fp32_reference():
     world = min(4, torch.cuda.device_count())
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    reports = [q.get() for _ in range(world)]
-    for p in procs:
-        p.join(300)
+    reports = spawn_ranks(_worker, world, timeout=300)
     bad = []
     for rank, res, err in reports:
         assert err is None, f"rank {rank}:\n{err}"

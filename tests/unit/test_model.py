@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longtrain.models import PRESETS, build_model, model_args, save_hf
-from longtrain.models.llama import LlamaForCausalLM, rope_inv_freq
+from longtrain.models.llama import rope_inv_freq
 from longtrain.models.loss import tiled_cross_entropy
 
 transformers = pytest.importorskip("transformers")
