@@ -76,6 +76,54 @@ def bench_sp(method, kernel, s, h, hkv, d, args, device):
     return t_f, t_fb
 
 
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: how long the GPU ran at least one such kernel."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_sp(method, kernel, s, h, hkv, d, args, device) -> dict:
+    """Where one fwd+bwd's time goes on this rank (torch.profiler, CUDA kernels): wall time, time inside
+    attention kernels, other compute kernels (merges, accumulations, copies), NCCL kernels, and the
+    compute-idle time (wall minus the union of compute kernels: exposed communication, waits and launch
+    gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = dist.get_world_size()
+    q, k, v, dout = make_inputs(s // n, h, hkv, d, args.dtype, device, seed=s + h + hkv)
+
+    def fwdbwd():
+        out = sp_attention(q, k, v, group=None, method=method, causal=True, layout="zigzag", kernel=kernel)
+        torch.autograd.backward(out, dout)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fwdbwd()
+    dist.barrier()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fwdbwd()
+        sync()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = {"attention": [], "other": [], "nccl": []}
+    for e in kernels:
+        name = e.name.lower()
+        cat = "nccl" if "nccl" in name else ("attention" if any(w in name for w in ("sdpa", "flash", "fmha", "attn"))
+                                               else "other")
+        spans[cat].append((e.time_range.start, e.time_range.end))
+    busy = _union_us(spans["attention"] + spans["other"])
+    return {"method": method, "kernel": kernel, "gpus": n, "s_global": s, "heads": h, "kv_heads": hkv,
+            "wall_ms": wall_us / 1e3, "attention_ms": sum(b - a for a, b in spans["attention"]) / 1e3,
+            "other_compute_ms": sum(b - a for a, b in spans["other"]) / 1e3,
+            "nccl_ms": sum(b - a for a, b in spans["nccl"]) / 1e3, "compute_idle_ms": (wall_us - busy) / 1e3,
+            "attention_kernel_calls": len(spans["attention"])}
+
+
 def bench_native_cp(backend, s, h, hkv, d, args, device):
     """torch.distributed.tensor.experimental.context_parallel with SDPA on one backend. K/V are
     expanded to the query heads where SDPA's GQA path is not supported by the CP dispatcher."""
@@ -129,6 +177,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", nargs="*", default=[], metavar="METHOD",
+                    help="also profile one fwd+bwd of these methods (first kernel) per length and head config")
     args = ap.parse_args()
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -137,7 +187,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({"device_id": device} if device.type == "cuda" else {}))
     n, rank = dist.get_world_size(), dist.get_rank()
-    rows = []
+    rows, profiles = [], []
 
     def record(impl, kernel, s, h, hkv, times, work_s=None):
         t_f, t_fb = times
@@ -164,6 +214,12 @@ def main() -> None:
                         if rank == 0:
                             print(f"{m:<22}{kernel:<7} skipped: {e}", flush=True)
                     torch.cuda.empty_cache() if device.type == "cuda" else None
+            for m in args.profile:
+                prof = profile_sp(m, args.kernels[0], s, h, hkv, args.head_dim, args, device)
+                profiles.append(prof)
+                if rank == 0:
+                    print("profile " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in prof.items()), flush=True)
             for be in args.native:
                 try:
                     record("torch-native-cp", be, s, h, hkv, bench_native_cp(be, s, h, hkv, args.head_dim, args,
@@ -178,7 +234,7 @@ def main() -> None:
                   f"{r['fwd_tflops_per_gpu']:.1f} | {r['fwdbwd_tflops_per_gpu']:.1f} |")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"rows": rows, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}},
+                json.dump({"rows": rows, "profiles": profiles, "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}},
                           f, indent=2)
     dist.destroy_process_group()
 

@@ -105,6 +105,11 @@ class BlockKernel:
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape, self.name
         return dq, dk, dv
 
+    def for_varying_shapes(self) -> "BlockKernel":
+        """The kernel to use when block shapes change from call to call (packed documents'
+        sub-blocks): this one, unless it pays a per-shape set-up (cuDNN)."""
+        return self
+
     def _forward(self, q, k, v, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -287,6 +292,12 @@ class CudnnKernel(BlockKernel):
         if not _cuda_ok(device, dtype, "_scaled_dot_product_cudnn_attention"):
             return False
         return torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+
+    def for_varying_shapes(self) -> BlockKernel:
+        # torch builds (and runtime-compiles) one cuDNN graph per new shape; packed documents give new
+        # sub-block shapes at every step, which stalled a 4-GPU test for minutes (commit log, perf-log.md).
+        # FlashAttention-2 has no per-shape set-up.
+        return KERNELS["flash"]
 
     def _forward(self, q, k, v, causal, scale):
         _check_head_dim(q, self.name)

@@ -37,6 +37,7 @@ class DataConfig:
     memmap_dtype: str = "uint16"  # dtype of pre-tokenized memmap files: uint16 | uint32 | int32
     tokenizer: str = "byte"  # byte (built in, no downloads) or a path to a local HF tokenizer.json
     seq_len: int = 512  # tokens per training sequence
+    document_mask: bool = True  # packed documents attend only to themselves (false: to the whole sequence)
     eval_fraction: float = 0.05  # fraction of packed sequences held out for evaluation (file sources)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
     num_samples: int = 100000  # synthetic samples in the training set (needle source)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longtrain.attention import block_attention
+from longtrain.attention import block_attention, get_kernel
+from longtrain.attention.documents import documents_for
 from longtrain.models.loss import tiled_cross_entropy
 from longtrain.models.presets import LlamaArgs
 
@@ -76,7 +77,9 @@ def apply_rope(x_BSHD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
 class CoreAttention(nn.Module):
     """softmax(QK^T/sqrt(D))V on (B, S, H, D) tensors through a block kernel.
 
-    This is the module sequence parallelism replaces: it sees only this rank's q/k/v.
+    This is the module sequence parallelism replaces: it sees only this rank's q/k/v. With `doc_ids_BS`
+    (packed documents) each token attends only to its own document: one kernel call per document run
+    (attention/documents.py), the runs tiling the sequence.
     """
 
     def __init__(self, kernel: str = "auto", causal: bool = True):
@@ -84,9 +87,21 @@ class CoreAttention(nn.Module):
         self.kernel = kernel
         self.causal = causal
 
-    def forward(self, q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor) -> Tensor:
+    def forward(self, q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor, doc_ids_BS: Tensor | None = None) -> Tensor:
+        docs = documents_for(doc_ids_BS)
+        if docs is None:
+            return self._attend(q_BSHD, k_BSHD, v_BSHD, self.causal)
+        rows = []
+        for b in range(q_BSHD.shape[0]):
+            blocks = docs.blocks(b, 0, 0, slice(None), slice(None), self.causal)
+            kernel = get_kernel(self.kernel, q_BSHD.device, q_BSHD.dtype).for_varying_shapes()
+            rows.append(torch.cat([self._attend(q_BSHD[b:b + 1, qs], k_BSHD[b:b + 1, ks], v_BSHD[b:b + 1, ks], c,
+                                                kernel) for qs, ks, c in blocks], dim=1))
+        return torch.cat(rows, dim=0)
+
+    def _attend(self, q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor, causal: bool, kernel=None) -> Tensor:
         out_BHSD = block_attention(q_BSHD.transpose(1, 2), k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2),
-                                   causal=self.causal, kernel=self.kernel)
+                                   causal=causal, kernel=kernel or self.kernel)
         return out_BHSD.transpose(1, 2)
 
     def extra_repr(self) -> str:
@@ -104,12 +119,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, e, bias=False)
         self.core = CoreAttention(kernel)
 
-    def forward(self, x_BSE: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BSE: Tensor, cos: Tensor, sin: Tensor, doc_ids_BS: Tensor | None = None) -> Tensor:
         b, s, _ = x_BSE.shape
         q = apply_rope(self.q_proj(x_BSE).view(b, s, self.n_heads, self.hd), cos, sin)
         k = apply_rope(self.k_proj(x_BSE).view(b, s, self.n_kv, self.hd), cos, sin)
         v = self.v_proj(x_BSE).view(b, s, self.n_kv, self.hd)
-        return self.o_proj(self.core(q, k, v).reshape(b, s, self.n_heads * self.hd))
+        return self.o_proj(self.core(q, k, v, doc_ids_BS).reshape(b, s, self.n_heads * self.hd))
 
 
 class MLP(nn.Module):
@@ -131,8 +146,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, doc_ids_BS: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids_BS)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -144,14 +159,16 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, kernel) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, input_ids_BS: Tensor, position_ids_BS: Tensor) -> Tensor:
+    def forward(self, input_ids_BS: Tensor, position_ids_BS: Tensor, doc_ids_BS: Tensor | None = None) -> Tensor:
+        """doc_ids_BS: packed documents' ids (non-decreasing per sequence); None attends across the whole
+        sequence."""
         x = self.embed_tokens(input_ids_BS)
         inv_freq = rope_inv_freq(self.args, device=x.device)
         # RoPE tables in the dtype the projections produce (bf16 under autocast), as HF does.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cos, sin = rope_cos_sin(inv_freq, position_ids_BS, dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, doc_ids_BS)
         return self.norm(x)
 
 
@@ -189,11 +206,11 @@ class LlamaForCausalLM(nn.Module):
                 mod.weight.fill_(1.0)
 
     def forward(self, input_ids_BS: Tensor, position_ids_BS: Tensor | None = None, labels_BS: Tensor | None = None,
-                loss_tile_tokens: int = 4096):
+                loss_tile_tokens: int = 4096, doc_ids_BS: Tensor | None = None):
         """With labels: (loss_sum, n_label_tokens) from the tiled loss; without: full logits (B, S, V)."""
         if position_ids_BS is None:
             position_ids_BS = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device).expand_as(input_ids_BS)
-        return self.lm_head(self.model(input_ids_BS, position_ids_BS), labels_BS, loss_tile_tokens)
+        return self.lm_head(self.model(input_ids_BS, position_ids_BS, doc_ids_BS), labels_BS, loss_tile_tokens)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -13,7 +13,9 @@ step (`_blocks`) follows from the layout (sharding.py):
                                    2N-1-src lies after every local query)
   causal, zigzag, src > r          the second half of the queries (chunk 2N-1-r) x all keys
                                    (chunk r lies before both received chunks)
-so under zigzag every rank does half a block at every step.
+so under zigzag every rank does half a block at every step. Packed documents (`docs`, see
+attention/documents.py) refine each of these blocks into per-document dense sub-blocks, batch row by
+batch row; rows of documents with no key at this step are not touched.
 
 `bidirectional=True` (method `ring_bidir`): two lanes, the first half of the KV heads (with the query
 heads that read them) moving +1, the second half -1 (src = r + s), each with the same block schedule
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from longtrain.attention import get_kernel, merge_partials
+from longtrain.attention.documents import Documents
 from longtrain.attention.kernels import BlockKernel
 from longtrain.parallel.comm import P2PComm
 
@@ -52,6 +55,19 @@ def _blocks(step: int, rank: int, n: int, s_local: int, causal: bool, layout: st
     if src < rank:
         return [(ALL, slice(0, half), False)]
     return [(slice(half, None), ALL, False)]
+
+
+def _work(step: int, rank: int, n: int, s_local: int, causal: bool, layout: str, direction: int,
+          docs: Documents | None, batch: int, kernel: BlockKernel):
+    """(batch rows, query rows, key rows, causal?, kernel) of every kernel call at `step`."""
+    src = (rank - direction * step) % n
+    for qs, ks, c in _blocks(step, rank, n, s_local, causal, layout, direction):
+        if docs is None:
+            yield ALL, qs, ks, c, kernel
+            continue
+        for b in range(batch):
+            for q_rows, k_rows, c_doc in docs.blocks(b, rank, src, qs, ks, c):
+                yield slice(b, b + 1), q_rows, k_rows, c_doc, kernel.for_varying_shapes()
 
 
 def _t(x_BSHD: Tensor) -> Tensor:
@@ -79,7 +95,8 @@ def _hop(comm: P2PComm, lanes, tensors_per_lane: list[list[Tensor]]) -> list[lis
 
 
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: P2PComm, *, causal: bool, layout: str,
-                 kernel: BlockKernel, scale: float | None, bidirectional: bool = False) -> tuple[Tensor, Tensor]:
+                 kernel: BlockKernel, scale: float | None, bidirectional: bool = False,
+                 docs: Documents | None = None) -> tuple[Tensor, Tensor]:
     b, s, h, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 running result (fp64 stays fp64)
     out = torch.zeros(b, h, s, d, dtype=acc, device=q.device)
@@ -89,9 +106,10 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: P2PComm, *, causal: bool
     for step in range(n):
         nxt = _hop(comm, lanes, kv) if step < n - 1 else None
         for (qh, _, direction), (k_l, v_l) in zip(lanes, kv):
-            for qs, ks, c in _blocks(step, comm.rank, n, s, causal, layout, direction):
-                o_blk, l_blk = kernel.forward(_t(q[:, qs, qh]), _t(k_l[:, ks]), _t(v_l[:, ks]), causal=c, scale=scale)
-                out[:, qh, qs], lse[:, qh, qs] = merge_partials(out[:, qh, qs], lse[:, qh, qs], o_blk, l_blk)
+            for bs, qs, ks, c, kern in _work(step, comm.rank, n, s, causal, layout, direction, docs, b, kernel):
+                o_blk, l_blk = kern.forward(_t(q[bs, qs, qh]), _t(k_l[bs, ks]), _t(v_l[bs, ks]), causal=c,
+                                              scale=scale)
+                out[bs, qh, qs], lse[bs, qh, qs] = merge_partials(out[bs, qh, qs], lse[bs, qh, qs], o_blk, l_blk)
         if nxt is not None:
             comm.wait()
             kv = nxt
@@ -100,7 +118,8 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, comm: P2PComm, *, causal: bool
 
 def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, kv_comm: P2PComm,
                   dkv_comm: P2PComm, *, causal: bool, layout: str, kernel: BlockKernel,
-                  scale: float | None, bidirectional: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                  scale: float | None, bidirectional: bool = False,
+                  docs: Documents | None = None) -> tuple[Tensor, Tensor, Tensor]:
     b, s, h, d = q.shape
     n, lanes = kv_comm.world, _lanes(h, k.shape[2], bidirectional)
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -112,13 +131,14 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         nxt = _hop(kv_comm, lanes, kv) if step < n - 1 else None
         blk = [[torch.zeros_like(t) for t in pair] for pair in dkv]
         for (qh, _, direction), (k_l, v_l), (dk_b, dv_b) in zip(lanes, kv, blk):
-            for qs, ks, c in _blocks(step, kv_comm.rank, n, s, causal, layout, direction):
-                dq_i, dk_i, dv_i = kernel.backward(_t(dout[:, qs, qh]), _t(q[:, qs, qh]), _t(k_l[:, ks]),
-                                                   _t(v_l[:, ks]), _t(out[:, qs, qh]), lse[:, qh, qs], causal=c,
-                                                   scale=scale)
-                dq[:, qs, qh] += _t(dq_i)
-                dk_b[:, ks] += _t(dk_i)
-                dv_b[:, ks] += _t(dv_i)
+            for bs, qs, ks, c, kern in _work(step, kv_comm.rank, n, s, causal, layout, direction, docs, b,
+                                             kernel):
+                dq_i, dk_i, dv_i = kern.backward(_t(dout[bs, qs, qh]), _t(q[bs, qs, qh]), _t(k_l[bs, ks]),
+                                                   _t(v_l[bs, ks]), _t(out[bs, qs, qh]), lse[bs, qh, qs],
+                                                   causal=c, scale=scale)
+                dq[bs, qs, qh] += _t(dq_i)
+                dk_b[bs, ks] += _t(dk_i)
+                dv_b[bs, ks] += _t(dv_i)
         if dkv_in_flight is not None:  # the accumulators of this step's K/V, from the previous rank
             dkv_comm.wait()
             dkv = dkv_in_flight
@@ -137,32 +157,34 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal: bool, layout: str, kernel: BlockKernel, scale, bidirectional: bool):
+    def forward(ctx, q, k, v, group, causal: bool, layout: str, kernel: BlockKernel, scale, bidirectional: bool,
+                docs: Documents | None):
         out, lse = ring_forward(q, k, v, P2PComm(group, "ring", q.device), causal=causal, layout=layout,
-                                kernel=kernel, scale=scale, bidirectional=bidirectional)
+                                kernel=kernel, scale=scale, bidirectional=bidirectional, docs=docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (group, causal, layout, kernel, scale, bidirectional)
+        ctx.args = (group, causal, layout, kernel, scale, bidirectional, docs)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        group, causal, layout, kernel, scale, bidirectional = ctx.args
+        group, causal, layout, kernel, scale, bidirectional, docs = ctx.args
         dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, P2PComm(group, "ring", q.device),
                                    P2PComm(group, "ring", q.device), causal=causal, layout=layout, kernel=kernel,
-                                   scale=scale, bidirectional=bidirectional)
-        return dq, dk, dv, None, None, None, None, None, None
+                                   scale=scale, bidirectional=bidirectional, docs=docs)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def ring_attention(q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor, *, group, causal: bool = True,
                    layout: str = "zigzag", kernel: str | BlockKernel = "auto", scale: float | None = None,
-                   bidirectional: bool = False) -> tuple[Tensor, Tensor]:
-    """Attention of the whole sequence for this rank's queries; returns (out_BSHD, lse_BHS fp32)."""
+                   bidirectional: bool = False, docs: Documents | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of the whole sequence for this rank's queries; returns (out_BSHD, lse_BHS fp32).
+    `docs`: packed documents (attention/documents.py), each token attending only to its own document."""
     kern = get_kernel(kernel, q_BSHD.device, q_BSHD.dtype)
     _lanes(q_BSHD.shape[2], k_BSHD.shape[2], bidirectional)  # refuse odd KV heads before any communication
     return RingAttention.apply(q_BSHD.contiguous(), k_BSHD.contiguous(), v_BSHD.contiguous(), group, causal, layout,
-                               kern, scale, bidirectional)
+                               kern, scale, bidirectional, docs)
 
 
 def bidirectional_ring_attention(q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor, **kw) -> tuple[Tensor, Tensor]:

@@ -26,9 +26,9 @@ class SPCoreAttention(nn.Module):
         self.kernel, self.causal = inner.kernel, inner.causal
         self.group, self.method, self.layout = group, method, layout
 
-    def forward(self, q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor) -> Tensor:
+    def forward(self, q_BSHD: Tensor, k_BSHD: Tensor, v_BSHD: Tensor, doc_ids_BS: Tensor | None = None) -> Tensor:
         return sp_attention(q_BSHD, k_BSHD, v_BSHD, group=self.group, method=self.method, causal=self.causal,
-                            layout=self.layout, kernel=self.kernel)
+                            layout=self.layout, kernel=self.kernel, doc_ids=doc_ids_BS)
 
     def extra_repr(self) -> str:
         return f"method={self.method}, layout={self.layout}, kernel={self.kernel}, causal={self.causal}"

@@ -8,6 +8,9 @@ differentiable w.r.t. q, k, v. Methods: ring (ring.py: K/V travel the ring), rin
 counter-rotating K/V rings, half the KV heads each), token_ring (token_ring.py:
 queries travel, results return straight to their owner, both link directions busy), ulysses (ulysses.py:
 all-to-all from sequence shards to head shards).
+
+Packed documents: `doc_ids` (batch, S_local), this rank's shard of the data path's document ids, makes
+every token attend only to its own document (attention/documents.py) under ring and ring_bidir.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from longtrain.attention.documents import documents_for
 from longtrain.parallel.ring import bidirectional_ring_attention, ring_attention
 from longtrain.parallel.sharding import check_layout
 from longtrain.parallel.token_ring import token_ring_attention
 from longtrain.parallel.ulysses import ulysses_attention
 
+DOC_MASK_METHODS = ("ring", "ring_bidir")  # the methods that take per-document masks
 METHODS = {"ring": ring_attention, "ring_bidir": bidirectional_ring_attention, "token_ring": token_ring_attention,
            "ulysses": ulysses_attention}
 _checked: set = set()
@@ -52,10 +57,20 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, group, method: str, layout: s
 
 
 def sp_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, group, method: str = "ring", causal: bool = True,
-                          layout: str = "zigzag", kernel="auto", scale: float | None = None) -> tuple[Tensor, Tensor]:
+                          layout: str = "zigzag", kernel="auto", scale: float | None = None,
+                          doc_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """As `sp_attention`, also returning this rank's LSE rows (B, H, S_local) fp32 (not differentiable)."""
     _check_inputs(q, k, v, group, method, layout)
-    return METHODS[method](q, k, v, group=group, causal=causal, layout=layout, kernel=kernel, scale=scale)
+    if doc_ids is not None and tuple(doc_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"doc_ids must be this rank's (batch, S_local) = {tuple(q.shape[:2])}, got {tuple(doc_ids.shape)}")
+    docs = documents_for(doc_ids, group)  # gathered over the group: the same answer on every rank
+    if docs is None:
+        return METHODS[method](q, k, v, group=group, causal=causal, layout=layout, kernel=kernel, scale=scale)
+    if method not in DOC_MASK_METHODS:
+        raise ValueError(f"sp method {method!r} does not take per-document masks and this batch packs several "
+                         f"documents per sequence; use parallel.sp.method=ring (or ring_bidir), or "
+                         f"data.document_mask=false to let documents attend to each other")
+    return METHODS[method](q, k, v, group=group, causal=causal, layout=layout, kernel=kernel, scale=scale, docs=docs)
 
 
 def sp_attention(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from longtrain.config import Config, ConfigError
 from longtrain.models import model_args
+from longtrain.parallel.sp_attention import DOC_MASK_METHODS
 
 
 def model_shape(cfg: Config):
@@ -56,6 +57,10 @@ def preflight(cfg: Config) -> None:
     if sp.method == "ring_bidir" and sp.degree > 1 and args.num_key_value_heads % 2:
         raise ConfigError(f"parallel.sp.method=ring_bidir splits the KV heads in two, the model has "
                           f"{args.num_key_value_heads}: use parallel.sp.method=ring")
+    if d.document_mask and d.source != "needle" and sp.degree > 1 and sp.method not in DOC_MASK_METHODS:
+        raise ConfigError(f"data.document_mask=true masks packed documents, which parallel.sp.method={sp.method} "
+                          f"does not support: use parallel.sp.method=ring (or ring_bidir), or "
+                          f"data.document_mask=false to let packed documents attend to each other")
     if args.vocab_size < tok.vocab_size:
         raise ConfigError(f"model vocab_size={args.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids: "
                           f"set model.vocab_size={tok.vocab_size} or more")

@@ -32,7 +32,7 @@ from longtrain.train.metrics import peak_memory_gib, train_flops
 from longtrain.train.preflight import model_shape
 from longtrain.train.watchdog import StepWatchdog
 
-BATCH_KEYS = ("input_ids", "labels", "position_ids")
+BATCH_KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
 
 
 class _StopFlag:
@@ -101,6 +101,10 @@ class Trainer:
             out[k] = v.to(mesh.device, non_blocking=True)
         return out
 
+    def _docs(self, batch: dict):
+        """The packed documents' ids when documents are masked from each other (data.document_mask)."""
+        return batch["doc_ids"] if self.cfg.data.document_mask else None
+
     def _micro_batches(self):
         idx = next(self._batches)
         samples = [self.train_set[i] for i in idx]
@@ -120,7 +124,7 @@ class Trainer:
             with self.engine.micro_context(last=i == len(batches) - 1):
                 with self.autocast:
                     loss, _ = self.engine.module(b["input_ids"], b["position_ids"], b["labels"],
-                                                 loss_tile_tokens=t.loss_tile_tokens)
+                                                 loss_tile_tokens=t.loss_tile_tokens, doc_ids_BS=self._docs(b))
                 self.engine.backward(loss * scale)
             loss_sum += loss.detach().double()
         grad_norm = self.engine.step()
@@ -149,7 +153,7 @@ class Trainer:
             sample = collate([self.eval_set[i]])
             b = self._to_device(sample, [k for k, v in sample.items() if torch.is_tensor(v)])
             with self.autocast:
-                h = model.model(b["input_ids"], b["position_ids"])
+                h = model.model(b["input_ids"], b["position_ids"], self._docs(b))
                 loss, ntok = model.lm_head(h, b["labels"], t.loss_tile_tokens)
                 acc[0] += loss.double()
                 acc[1] += ntok

@@ -14,30 +14,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from longtrain.attention import block_attention_with_lse
 from longtrain.parallel.sharding import shard_sequence, unshard_sequence
 from longtrain.parallel.sp_attention import sp_attention_with_lse
 from ranks import spawn_ranks
+from reference import attention_reference as _reference, random_doc_ids
 
 pytestmark = pytest.mark.slow
 
-# (method, layout, causal, heads, kv_heads, dtype, kernel)
-CASES = [(m, lay, causal, h, hkv, dt, ker)
+# (method, layout, causal, heads, kv_heads, dtype, kernel, packed documents)
+CASES = [(m, lay, causal, h, hkv, dt, ker, docs)
          for m in ("ring", "ring_bidir", "token_ring", "ulysses")
          for lay in ("zigzag", "contiguous")
          for causal in (True, False)
          for h, hkv in ((4, 4), (4, 2))
-         for dt, ker in ((torch.float64, "math"), (torch.float32, "cpu_flash"))]
+         for dt, ker in ((torch.float64, "math"), (torch.float32, "cpu_flash"))
+         for docs in ((False, True) if m in ("ring", "ring_bidir") else (False,))]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-def _reference(q, k, v, dout, causal):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    out, lse = block_attention_with_lse(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                                        kernel="math")
-    out = out.transpose(1, 2)
-    out.backward(dout)
-    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
 def _rel(a, b):
@@ -50,17 +42,19 @@ def _worker(rank, world, port, cases, q_out):
     dist.init_process_group("gloo")
     results = []
     try:
-        for i, (method, layout, causal, h, hkv, dtype, kernel) in enumerate(cases):
+        for i, (method, layout, causal, h, hkv, dtype, kernel, packed) in enumerate(cases):
             g = torch.Generator().manual_seed(1000 * world + i)
             s_global, b, d = 4 * world * 3, 2, 8  # divisible by 2N for zigzag
             q = torch.randn(b, s_global, h, d, generator=g, dtype=torch.float64)
             k = torch.randn(b, s_global, hkv, d, generator=g, dtype=torch.float64)
             v = torch.randn(b, s_global, hkv, d, generator=g, dtype=torch.float64)
             dout = torch.randn(b, s_global, h, d, generator=g, dtype=torch.float64)
-            ref = _reference(q, k, v, dout, causal)
+            doc_ids = random_doc_ids(b, s_global, g) if packed else None
+            ref = _reference(q, k, v, dout, causal, doc_ids)
             loc = [shard_sequence(t, 1, layout=layout).to(dtype).requires_grad_(True) for t in (q, k, v)]
             out, lse = sp_attention_with_lse(*loc, group=None, method=method, causal=causal, layout=layout,
-                                             kernel=kernel)
+                                             kernel=kernel, doc_ids=None if doc_ids is None else
+                                             shard_sequence(doc_ids, 1, layout=layout))
             out.backward(shard_sequence(dout, 1, layout=layout).to(dtype))
             got = [out, lse, *(t.grad for t in loc)]
             want = [shard_sequence(ref[0], 1, layout=layout), shard_sequence(ref[1], 2, layout=layout)]
@@ -87,7 +81,7 @@ def run_cases(world: int, cases: list) -> None:
             names = ["out", "lse", "dq", "dk", "dv"]
             bad = [f"{n}={e:.2e}" for n, e in zip(names, errs) if not e <= tol]
             if bad or not round_trip:
-                failures.append(f"rank {rank} {cases[i][:5]} {cases[i][6]}: {bad} round_trip={round_trip}")
+                failures.append(f"rank {rank} {cases[i][:5]} {cases[i][6:]}: {bad} round_trip={round_trip}")
     assert not failures, "\n".join(failures)
 
 
@@ -126,3 +120,23 @@ def _mismatch_worker(rank, world, port, q_out):
 def test_mismatched_shapes_across_ranks_fail_on_every_rank():
     got = dict(spawn_ranks(_mismatch_worker, 2))
     assert all("differ across the sp group" in m and "rank 0: q (1, 8, 2, 8)" in m for m in got.values()), got
+
+
+def _doc_refusal_worker(rank, world, port, q_out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo")
+    try:
+        q, k, v = (torch.randn(1, 8, 2, 8) for _ in range(3))
+        doc_ids = torch.tensor([[rank] * 8])  # a document boundary between the two shards
+        sp_attention_with_lse(q, k, v, group=None, method="token_ring", layout="contiguous", kernel="math",
+                              doc_ids=doc_ids)
+        q_out.put((rank, "no error"))
+    except ValueError as e:
+        q_out.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_packed_documents_under_a_method_without_masks_fail_on_every_rank():
+    got = dict(spawn_ranks(_doc_refusal_worker, 2))
+    assert all("does not take per-document masks" in m for m in got.values()), got

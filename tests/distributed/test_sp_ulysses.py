@@ -54,7 +54,7 @@ def _batch1_worker(rank, world, port, q_out):
     dist.init_process_group("gloo")
     try:
         bad = []
-        for i, (_, layout, causal, h, hkv, dtype, kernel) in enumerate(c for c in ULYSSES if c[3:5] == (4, 2)):
+        for i, (_, layout, causal, h, hkv, dtype, kernel, _) in enumerate(c for c in ULYSSES if c[3:5] == (4, 2)):
             g = torch.Generator().manual_seed(i)
             q, k, v, dout = (torch.randn(1, 8 * world, n, 8, generator=g, dtype=torch.float64)
                              for n in (h, hkv, hkv, h))

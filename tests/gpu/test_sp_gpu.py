@@ -12,6 +12,7 @@ from longtrain.attention import block_attention_with_lse
 from longtrain.parallel.sharding import shard_sequence
 from longtrain.parallel.sp_attention import METHODS, sp_attention_with_lse
 from ranks import spawn_ranks
+from reference import attention_reference, random_doc_ids
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2+ CUDA GPUs")]
 
@@ -52,6 +53,21 @@ def _worker(rank, world, port, q_out):
                                 _rel(l2, shard_sequence(lse, 2))] + [
                             _rel(t.grad, shard_sequence(r.grad, 1)) for t, r in zip(loc, (qr, kr, vr))]
                         res.append(((method, kernel, causal, h, hkv), errs))
+        for method in ("ring", "ring_bidir"):  # packed documents: per-document masks
+            for kernel in ("cudnn", "flash"):
+                case += 1
+                g = torch.Generator(device=dev).manual_seed(case)
+                s, d, h, hkv = 1024 * world, 128, 8, 2
+                q, k, v, dout = (torch.randn(1, s, hh, d, generator=g, device=dev) for hh in (h, hkv, hkv, h))
+                doc_ids = random_doc_ids(1, s, torch.Generator().manual_seed(case), n_docs=24).to(dev)
+                want = attention_reference(q, k, v, dout, True, doc_ids)
+                loc = [shard_sequence(t, 1).to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+                out, l2 = sp_attention_with_lse(*loc, group=None, method=method, causal=True, kernel=kernel,
+                                                doc_ids=shard_sequence(doc_ids, 1))
+                out.backward(shard_sequence(dout, 1).to(torch.bfloat16))
+                errs = [_rel(out, shard_sequence(want[0], 1)), _rel(l2, shard_sequence(want[1], 2))] + [
+                    _rel(t.grad, shard_sequence(r, 1)) for t, r in zip(loc, want[2:])]
+                res.append(((method, kernel, "packed documents", h, hkv), errs))
         q_out.put((rank, res, None))
     except Exception:
         q_out.put((rank, None, traceback.format_exc()))
