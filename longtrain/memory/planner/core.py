@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -308,7 +309,9 @@ def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, align
         solver = f"{gname} (mip skipped: {len(pairs)} pairs > max_pairs={max_pairs})"
     else:
         try:
-            res = _solve_mip(reqs, sizes, pairs, offs, gpeak, lb, time_limit_s, seed, alignment)
+            with warnings.catch_warnings():  # PuLP 3.3 announces its 4.0 API on every variable; we pin 3.x
+                warnings.simplefilter("ignore", DeprecationWarning)
+                res = _solve_mip(reqs, sizes, pairs, offs, gpeak, lb, time_limit_s, seed, alignment)
         except Exception as e:  # PuLP/CBC missing or crashing must not cost the user their plan
             res = None
             solver = f"{gname} (mip failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
