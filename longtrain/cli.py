@@ -3,6 +3,8 @@
   longtrain train RECIPE [key=value ...]        train (starts launch.nproc local processes itself
                                                 when not under torchrun)
   longtrain config show RECIPE [key=value ...]  print the resolved config
+  longtrain plan-memory RECIPE [key=value ...]  trace one layer, plan its memory (MEMO MIP), print the
+                                                tables and write the plans' JSON into the run directory
 
 A RECIPE is a YAML path or a name from recipes/ (quickstart, debug, ...). User errors (bad keys,
 values, paths) print one line naming the problem and the fix, and exit with code 2.
@@ -49,6 +51,15 @@ def cmd_train(ns) -> int:
     return 0
 
 
+def cmd_plan_memory(ns) -> int:
+    from longtrain.memory.planner.recipe import plan_recipe
+
+    cfg = load_config(ns.recipe, ns.overrides)
+    report = plan_recipe(cfg, out_dir=None if ns.no_write else cfg.train.output_dir)
+    sys.stdout.write(report.text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longtrain", description="Train LLMs on million-token sequences.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML path or recipe name (default: quickstart, the CPU first run)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=20")
     t.set_defaults(fn=cmd_train)
+    pm = sub.add_parser("plan-memory", help="trace one layer (meta device, no GPU) and print its memory plan")
+    pm.add_argument("recipe", nargs="?", default="quickstart", help="YAML path or recipe name")
+    pm.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=131072")
+    pm.add_argument("--no-write", action="store_true", help="print only; do not write the JSON plans")
+    pm.set_defaults(fn=cmd_plan_memory)
     c = sub.add_parser("config", help="inspect recipes")
     csub = c.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config")

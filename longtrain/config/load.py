@@ -167,6 +167,7 @@ def validate(cfg: Config) -> None:
     if t.precision == "bf16" and m.dtype == "float64":
         raise ConfigError("train.precision=bf16 with model.dtype=float64: use model.dtype=float32 (fp32 master weights)")
     _choice("memory.activation.policy", cfg.memory.activation.policy, ["none", "recompute"])
+    _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)
     _choice("finetune.mode", cfg.finetune.mode, ["full"])
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
     _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)

@@ -92,8 +92,15 @@ class ActivationConfig:
 
 
 @dataclass
+class PlannerConfig:
+    enabled: bool = False  # serve each layer's tensors from one region at MIP-planned offsets (needs CUDA; `longtrain plan-memory` prints the plan)
+    time_limit_s: float = 60.0  # CBC time limit per plan level (seconds); the greedy plan is kept if CBC does not beat it
+
+
+@dataclass
 class MemoryConfig:
     activation: ActivationConfig = field(default_factory=ActivationConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
 
 @dataclass

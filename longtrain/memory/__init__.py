@@ -1,5 +1,6 @@
-"""Memory techniques applied as transforms: activation checkpointing (swapping and planning to come)."""
+"""Memory techniques applied as transforms: activation checkpointing; planned memory (planner/, arena.py); swapping to come."""
 
+from longtrain.memory.arena import apply_memory_plan
 from longtrain.memory.checkpointing import apply_activation_checkpointing
 
-__all__ = ["apply_activation_checkpointing"]
+__all__ = ["apply_activation_checkpointing", "apply_memory_plan"]
