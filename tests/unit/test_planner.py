@@ -208,3 +208,49 @@ def test_llama3_8b_layer_at_128k_plans_within_60s_near_the_bound():
     it = plan_iteration(traces[0], plan, 32, time_limit_s=60)
     assert it.peak_bytes <= 1.05 * it.lower_bound_bytes
     _check(it)
+
+
+# ---- command line and picture ----------------------------------------------------------------------
+
+def test_plan_memory_cli_prints_sections_and_writes_plans(tmp_path, capsys):
+    from longtrain.cli import main
+
+    assert main(["plan-memory", "debug", f"train.output_dir={tmp_path}", "train.precision=bf16"]) == 0
+    out = capsys.readouterr().out
+    for title in ("== trace: one decoder layer", "== level 1:", "== level 2:", "ratio peak/LB", "solver"):
+        assert title in out
+    for name in ("memory_plan_layer.json", "memory_plan_iteration.json"):
+        plan = MemoryPlan.from_json(tmp_path / name)
+        _check(plan)
+    assert main(["plan-memory", "debug", "memory.planner.time_limit_s=0"]) == 2
+    assert "memory.planner.time_limit_s=0.0 must be > 0" in capsys.readouterr().err
+
+
+def test_plan_memory_png_with_and_without_snapshot(tmp_path):
+    import importlib.util
+    import pickle
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "plan_memory", Path(__file__).resolve().parents[2] / "tools" / "plan_memory.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    plan = solve_plan(_random_requests(1), time_limit_s=1)
+    plan.to_json(tmp_path / "p.json")
+    assert tool.main(["--png", str(tmp_path / "a.png"), "--plan", str(tmp_path / "p.json")]) == 0
+    base = 1 << 40
+    snap = {"segments": [{"device": 0, "address": base, "total_size": 6 << 20, "blocks": []},
+                         {"device": 0, "address": base + (1 << 30), "total_size": 2 << 20, "blocks": []}],
+            "device_traces": [[{"action": "alloc", "addr": base, "size": 2 << 20},
+                               {"action": "alloc", "addr": base + (2 << 20), "size": 3 << 20},
+                               {"action": "free_completed", "addr": base, "size": 2 << 20},
+                               {"action": "alloc", "addr": base + (1 << 30), "size": 1 << 20}]]}
+    rects, reserved = tool.snapshot_rectangles(snap)
+    # Segments are stacked without their virtual-address gap: the second one starts at 6 MiB.
+    assert reserved == 8 << 20
+    assert sorted(rects) == [(0, 2, 0, 2 << 20), (1, 4, 2 << 20, 3 << 20), (3, 4, 6 << 20, 1 << 20)]
+    with open(tmp_path / "s.pickle", "wb") as f:
+        pickle.dump(snap, f)
+    assert tool.main(["--png", str(tmp_path / "b.png"), "--plan", str(tmp_path / "p.json"),
+                      "--snapshot", str(tmp_path / "s.pickle")]) == 0
+    assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
