@@ -254,3 +254,70 @@ def test_plan_memory_png_with_and_without_snapshot(tmp_path):
     assert tool.main(["--png", str(tmp_path / "b.png"), "--plan", str(tmp_path / "p.json"),
                       "--snapshot", str(tmp_path / "s.pickle")]) == 0
     assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
+
+
+# ---- replay by request order (the device-independent half of the runtime) ---------------------------
+
+def _debug_layer_plan():
+    from longtrain.memory.planner.levels import plan_layer
+    from longtrain.memory.planner.replay import PlanReplayer, replay_slots
+    from longtrain.memory.planner.trace import trace_layer
+    from longtrain.models.presets import PRESETS
+
+    tr = trace_layer(PRESETS["debug"], 64)[0]
+    plan = plan_layer(tr, time_limit_s=5, alignment=1)
+    return tr, plan, PlanReplayer, replay_slots
+
+
+def test_replay_serves_the_traced_sequence_without_overlap():
+    tr, plan, PlanReplayer, replay_slots = _debug_layer_plan()
+    rep = PlanReplayer(plan, replay_slots(tr, plan), check=True)
+    for _ in range(2):  # two steps: the same sequence, served the same way
+        rep.begin_pass()
+        events = sorted([(t.request.start, 1, k) for k, t in enumerate(tr.requests)] +
+                        [(t.request.end, 0, k) for k, t in enumerate(tr.requests)])
+        given = {}
+        for _, is_alloc, k in events:
+            if is_alloc:
+                given[k] = rep.alloc(tr.requests[k].request.size)
+            elif given.get(k) is not None:
+                rep.free(given[k])
+        assert rep.misses == 0 and rep.refused == 0
+    n_transient = sum(t.role == "transient" for t in tr.requests)
+    assert rep.served == 2 * n_transient
+
+
+def test_replay_falls_back_on_a_changed_shape_and_warns_once(caplog):
+    tr, plan, PlanReplayer, replay_slots = _debug_layer_plan()
+    rep = PlanReplayer(plan, replay_slots(tr, plan), check=True)
+    sizes = [t.request.size for t in tr.requests]
+    k0 = next(k for k, t in enumerate(tr.requests) if t.role == "transient")  # the first planned request
+    with caplog.at_level("WARNING"):
+        for s in sizes[:k0]:
+            assert rep.alloc(s) is None  # not planned: the normal allocator's
+        assert rep.alloc(sizes[k0]) == plan.offsets[0]
+        assert rep.alloc(sizes[k0 + 1] * 2) is None  # a different sequence length: miss
+        assert all(rep.alloc(s) is None for s in sizes[k0 + 2:])  # never guesses after a miss
+        rep.begin_pass()
+        assert rep.alloc(sizes[0] // 2) is None  # the same mismatch next pass: counted, not warned again
+    assert rep.misses == len(sizes) - (k0 + 1) + 1
+    assert sum("plan expects" in r.message for r in caplog.records) == 1
+    rep.begin_pass()
+    for s in sizes[:k0]:
+        rep.alloc(s)
+    served = rep.served
+    assert rep.alloc(sizes[k0]) == plan.offsets[0] and rep.served == served + 1  # traced shapes: served again
+
+
+def test_replay_check_mode_refuses_a_block_still_live():
+    # Two requests that the plan stacks at the same offset (disjoint lifetimes); the caller "forgets"
+    # the first free: check mode must refuse to hand the bytes out twice.
+    from longtrain.memory.planner.replay import PlanReplayer, Slot
+
+    plan = solve_plan([Request(8, 0, 1), Request(8, 1, 2)], time_limit_s=1)
+    assert plan.offsets == [0, 0]
+    rep = PlanReplayer(plan, [Slot(8, 0), Slot(8, 1)], check=True)
+    assert rep.alloc(8) == 0
+    assert rep.alloc(8) is None and rep.refused == 1
+    with pytest.raises(ValueError, match="not a live planned block"):
+        rep.free(4096)
