@@ -337,3 +337,30 @@ def test_replay_check_mode_refuses_a_block_still_live():
     assert rep.alloc(8) is None and rep.refused == 1
     with pytest.raises(ValueError, match="not a live planned block"):
         rep.free(4096)
+
+
+def test_planner_modules_are_pure_python():
+    # The planner itself (not the tracer, not the recipe front end) imports only the standard library,
+    # PuLP and its own modules: no torch, no torch.distributed, no GPU.
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "longtrain" / "memory" / "planner"
+    for name in ("core.py", "levels.py", "replay.py"):
+        tree = ast.parse((root / name).read_text())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in mods if m.split(".")[0] == "torch"}, (name, mods)
+
+
+def test_enabled_planner_on_cpu_trains_with_the_normal_allocator(caplog):
+    import torch
+
+    from longtrain.config import load_config
+    from longtrain.memory import apply_memory_plan
+
+    cfg = load_config("debug", ["memory.planner.enabled=true"])
+    model = torch.nn.Linear(2, 2)
+    with caplog.at_level("WARNING"):
+        assert apply_memory_plan(model, cfg, torch.device("cpu")) is model
+    assert "the planned allocator needs CUDA" in caplog.text
