@@ -300,7 +300,8 @@ def _order_from_offsets(offsets: Sequence[int], pairs: Sequence[tuple[int, int]]
 
 
 def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, alignment: int = 1, seed: int = 0,
-               use_mip: bool = True, max_pairs: int = 200_000, search_iters: int = 300, names: Sequence[str] | None = None,
+               use_mip: bool = True, max_pairs: int = 200_000, search_iters: int = 300,
+               names: Sequence[str] | None = None,
                info: dict | None = None) -> MemoryPlan:
     """Plan offsets for `requests` minimising the peak. See the module docstring for the method.
 

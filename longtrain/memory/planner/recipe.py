@@ -40,12 +40,17 @@ def plan_recipe(cfg, out_dir: str | Path | None = None) -> PlanReport:
     import torch
 
     from longtrain.memory.planner.levels import plan_iteration, plan_layer
-    from longtrain.memory.planner.trace import check_deterministic, trace_layer
+    from longtrain.config import ConfigError
+    from longtrain.memory.planner.trace import check_deterministic, trace_kernel, trace_layer
 
     args, seq, batch, dtype = trace_shape(cfg)
     rep = PlanReport()
     t0 = time.perf_counter()
-    traces = trace_layer(args, seq, batch=batch, dtype=getattr(torch, dtype), n_layers=2)
+    try:
+        kernel = trace_kernel(cfg.train.attention_kernel, torch.device("meta"), getattr(torch, dtype))
+    except ValueError as e:
+        raise ConfigError(f"train.attention_kernel={cfg.train.attention_kernel!r}: {e}") from None
+    traces = trace_layer(args, seq, batch=batch, dtype=getattr(torch, dtype), n_layers=2, kernel=kernel)
     try:
         check_deterministic(traces)
         det = "layer 0 and layer 1 make identical requests (sizes, order, lifetimes)"
@@ -63,6 +68,9 @@ def plan_recipe(cfg, out_dir: str | Path | None = None) -> PlanReport:
     if cfg.memory.activation.policy != "none":
         lines.append(f"note: memory.activation.policy={cfg.memory.activation.policy!r} is not traced; "
                      "this is the layer without recomputation")
+    if cfg.parallel.sp.degree > 1:
+        lines.append(f"note: parallel.sp.degree={cfg.parallel.sp.degree}: attention is traced as one local block; "
+                     f"the {cfg.parallel.sp.method} communication buffers are not in the trace")
     lines.append("not seen by the trace: workspaces allocated inside one kernel (cuDNN, cuBLAS), the embedding, "
                  "LM head, loss and optimizer")
     rep.sections.append(("trace: one decoder layer, forward + backward", "\n".join(lines)))
@@ -75,7 +83,8 @@ def plan_recipe(cfg, out_dir: str | Path | None = None) -> PlanReport:
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for name, plan in (("memory_plan_layer.json", rep.layer_plan), ("memory_plan_iteration.json", rep.iteration_plan)):
+        plans = (("memory_plan_layer.json", rep.layer_plan), ("memory_plan_iteration.json", rep.iteration_plan))
+        for name, plan in plans:
             plan.to_json(out / name)
             rep.files.append(out / name)
         rep.sections.append(("files", "\n".join(str(p) for p in rep.files)))

@@ -50,7 +50,7 @@ class PlanReplayer:
                                  f"{plan.requests[s.plan_index].size} bytes")
         self.plan, self.slots, self.check = plan, slots, check
         self.region_bytes = plan.peak_bytes
-        self.misses = 0  # requests the plan could have served but did not (after a mismatch)
+        self.misses = 0  # requests at or after a mismatch in their pass (all go to the normal allocator)
         self.served = 0  # requests given a planned offset
         self.refused = 0  # check mode: planned offsets refused because they overlapped a live block
         self._warned: set[str] = set()
@@ -78,15 +78,15 @@ class PlanReplayer:
         if k >= len(self.slots):
             self._off = True
             self.misses += 1
-            self._warn("length", f"request {k} of the pass is beyond the {len(self.slots)} traced requests: the layer's "
-                       "ops changed (shape, sequence length or kernel)")
+            self._warn("length", f"request {k} of the pass is beyond the {len(self.slots)} traced requests: "
+                       "the layer's ops changed (shape, sequence length or kernel)")
             return None
         slot = self.slots[k]
         if size != slot.size:
             self._off = True
             self.misses += 1
-            self._warn("size", f"request {k} asks {size} bytes, the plan expects {slot.size}: a shape or sequence length "
-                       "differs from the traced one")
+            self._warn("size", f"request {k} asks {size} bytes, the plan expects {slot.size}: a shape or "
+                       "sequence length differs from the traced one")
             return None
         if slot.plan_index < 0:
             return None
@@ -95,7 +95,8 @@ class PlanReplayer:
             for o, s in self._live.items():
                 if o < off + size and off < o + s:
                     self.refused += 1
-                    self._warn("overlap", f"check: request {k} at offset {off} (+{size}) overlaps the live block at {o} (+{s})")
+                    self._warn("overlap", f"check: request {k} at offset {off} (+{size}) overlaps the live block "
+                               f"at {o} (+{s})")
                     return None
         self._live[off] = size
         self.served += 1

@@ -161,18 +161,28 @@ class AllocationTracer(TorchDispatchMode):
         return out, end
 
 
-def _trace_kernel(device: torch.device):
-    """The attention kernel to trace with: cuDNN's allocations on meta (what the GPU run uses), else auto."""
-    from longtrain.attention.kernels import CudnnKernel, get_kernel
+def trace_kernel(name: str, device: torch.device, dtype: torch.dtype):
+    """The attention kernel whose requests the trace records.
 
-    if device.type == "meta":
-        class _MetaCudnn(CudnnKernel):
-            # The cuDNN op has meta shape functions; its availability check wants a real GPU.
-            def available(self, device, dtype):
-                return torch.device(device).type == "meta"
+    On meta, "auto" means what a GPU run picks: cuDNN for bf16/fp16, the math kernel otherwise; a named
+    CUDA kernel is traced through its meta shape functions (its availability check wants a real GPU).
+    """
+    from longtrain.attention.kernels import KERNELS, get_kernel
 
-        return _MetaCudnn()
-    return get_kernel("auto", device, torch.bfloat16)
+    device = torch.device(device)
+    if device.type != "meta":
+        return get_kernel(name, device, dtype)
+    if name == "auto":
+        name = "cudnn" if dtype in (torch.bfloat16, torch.float16) else "math"
+    if name not in KERNELS:
+        raise ValueError(f"unknown attention kernel {name!r}; choose one of 'auto', {', '.join(map(repr, KERNELS))}")
+    base = type(KERNELS[name])
+
+    class _OnMeta(base):
+        def available(self, device, dtype):
+            return torch.device(device).type == "meta"
+
+    return _OnMeta()
 
 
 def trace_layer(args, seq_len: int, *, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
@@ -183,14 +193,14 @@ def trace_layer(args, seq_len: int, *, batch: int = 1, dtype: torch.dtype = torc
     Returns one LayerTrace per layer (forward of every layer first, then backward in reverse, as in
     training), each re-timed to start at 0 so traces of different layers compare directly. Parameters
     are in `dtype` (bf16: the DeepSpeed bf16 engine keeps bf16 weights; no autocast casts). The input
-    requires grad, as a layer's input does in a model.
+    requires grad, as a layer's input does in a model. kernel: a BlockKernel (default: `trace_kernel("auto")`).
     """
     from longtrain.models.llama import DecoderLayer, rope_cos_sin, rope_inv_freq
 
     if seq_len <= 0 or batch <= 0:
         raise ValueError(f"trace_layer needs seq_len > 0 and batch > 0, got seq_len={seq_len}, batch={batch}")
     device = torch.device(device)
-    kern = kernel if kernel is not None else _trace_kernel(device)
+    kern = kernel if kernel is not None else trace_kernel("auto", device, dtype)
     with torch.device(device):
         layers = [DecoderLayer(args, "auto").to(dtype) for _ in range(n_layers)]
         for layer in layers:
