@@ -261,3 +261,37 @@ def check_deterministic(traces: list[LayerTrace]) -> None:
             if a != b:
                 raise ValueError(f"request {j} differs between layer 0 {a} and layer {i} {b}")
 
+
+
+def trace_iteration(args, seq_len: int, *, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
+                    kernel=None) -> list[TracedRequest]:
+    """Every request of one iteration of the model body on meta: embedding, all layers and the final norm,
+    forward then backward (the LM head and loss are left out: see below). Checks level 2 against a real
+    iteration: its lower bound should be close to level 2's."""
+    from longtrain.models.llama import LlamaForCausalLM, rope_cos_sin, rope_inv_freq
+
+    device = torch.device("meta")
+    kern = kernel if kernel is not None else trace_kernel("auto", device, dtype)
+    with device:
+        model = LlamaForCausalLM(args).to(dtype)
+        for layer in model.model.layers:
+            layer.self_attn.core.kernel = kern
+        ids = torch.zeros(batch, seq_len, dtype=torch.long)
+        pos = torch.arange(seq_len).expand(batch, seq_len)
+    tr = AllocationTracer()
+    with tr:
+        # LlamaForCausalLM.forward step by step: its autocast query does not accept the meta device.
+        x = model.model.embed_tokens(ids)
+        cos, sin = rope_cos_sin(rope_inv_freq(args, device=device), pos, dtype)
+        for layer in model.model.layers:
+            x = layer(x, cos, sin)
+        h = model.model.norm(x)
+        del x
+        tr.fwd_end = tr.clock
+        tr.phase = "bwd"
+        # The tiled loss asks torch about autocast on the tensor's device, which meta does not support:
+        # backward starts from the final norm's output with the gradient the loss would give it.
+        h.backward(torch.empty_like(h))
+        del h
+    reqs, _ = tr.finish()
+    return reqs
