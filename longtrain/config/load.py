@@ -166,7 +166,19 @@ def validate(cfg: Config) -> None:
     _choice("train.attention_kernel", t.attention_kernel, ["auto", "math", "cpu_flash", "flash", "cudnn"])
     if t.precision == "bf16" and m.dtype == "float64":
         raise ConfigError("train.precision=bf16 with model.dtype=float64: use model.dtype=float32 (fp32 master weights)")
-    _choice("memory.activation.policy", cfg.memory.activation.policy, ["none", "recompute"])
+    act = cfg.memory.activation
+    _choice("memory.activation.policy", act.policy, ["none", "recompute", "swap", "auto"])
+    from longtrain.memory.swap_plan import SwapPlanError, parse_alpha, parse_layer_policy
+    try:
+        parse_alpha(act.alpha)
+        for i, text in enumerate(act.layers):
+            parse_layer_policy(text, f"memory.activation.layers[{i}]")
+    except SwapPlanError as e:
+        raise ConfigError(str(e)) from None
+    if act.keep_last_layers < 0 or act.host_budget_gib < 0 or act.pcie_gbps < 0 or act.layer_fwd_ms < 0:
+        raise ConfigError("memory.activation.keep_last_layers, host_budget_gib, pcie_gbps and layer_fwd_ms must be "
+                          f">= 0, got {act.keep_last_layers}, {act.host_budget_gib}, {act.pcie_gbps}, "
+                          f"{act.layer_fwd_ms}")
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)
     _choice("finetune.mode", cfg.finetune.mode, ["full"])
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])

@@ -14,9 +14,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 log = logging.getLogger(__name__)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+def apply_activation_checkpointing(model: nn.Module, indices: list[int] | None = None) -> nn.Module:
+    """Wrap the layers in `indices` (default: all)."""
     layers = model.model.layers
-    for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False)
-    log.info("activation checkpointing: %d layers recompute their activations in backward", len(layers))
+    indices = list(range(len(layers))) if indices is None else indices
+    for i in indices:
+        layers[i] = checkpoint_wrapper(layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                       preserve_rng_state=False)
+    log.info("activation checkpointing: %d layers recompute their activations in backward", len(indices))
     return model

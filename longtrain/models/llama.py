@@ -120,11 +120,20 @@ class Attention(nn.Module):
         self.core = CoreAttention(kernel)
 
     def forward(self, x_BSE: Tensor, cos: Tensor, sin: Tensor, doc_ids_BS: Tensor | None = None) -> Tensor:
+        return self.output(self.core(*self.project(x_BSE, cos, sin), doc_ids_BS))
+
+    def project(self, x_BSE: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per token: q, k (with RoPE) and v, (B, S, heads, D)."""
         b, s, _ = x_BSE.shape
         q = apply_rope(self.q_proj(x_BSE).view(b, s, self.n_heads, self.hd), cos, sin)
         k = apply_rope(self.k_proj(x_BSE).view(b, s, self.n_kv, self.hd), cos, sin)
         v = self.v_proj(x_BSE).view(b, s, self.n_kv, self.hd)
-        return self.o_proj(self.core(q, k, v, doc_ids_BS).reshape(b, s, self.n_heads * self.hd))
+        return q, k, v
+
+    def output(self, o_BSHD: Tensor) -> Tensor:
+        """Per token: the output projection of the attention result."""
+        b, s = o_BSHD.shape[:2]
+        return self.o_proj(o_BSHD.reshape(b, s, self.n_heads * self.hd))
 
 
 class MLP(nn.Module):
@@ -147,8 +156,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, doc_ids_BS: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids_BS)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        q, k, v = self.pre_attention(x, cos, sin)
+        return self.post_attention(x, self.self_attn.core(q, k, v, doc_ids_BS))
+
+    # The layer in three parts, so memory transforms (memory/swap.py) can treat the per-token parts
+    # (any subset of tokens gives the same rows) apart from attention (which mixes tokens).
+    def pre_attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per token: x -> q, k, v."""
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def post_attention(self, x: Tensor, o_BSHD: Tensor) -> Tensor:
+        """Per token: (layer input, attention result) -> layer output."""
+        h = x + self.self_attn.output(o_BSHD)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class LlamaModel(nn.Module):

@@ -3,7 +3,9 @@
 Order matters and is fixed here:
   1. sequence-parallel attention (swaps each layer's attention core; must precede any wrapping of
      the layers so the wrappers recompute / swap the sp version);
-  2. activation memory policy per layer (recompute), which wraps each decoder layer;
+  2. activation memory policy per layer (keep / recompute / swap(alpha) by MEMO's cost model,
+     memory/activation.py), which wraps decoder layers; it measures one layer's forward, so it runs
+     after the sp swap (the layer it times is the one that trains);
   3. planned memory (`memory.planner.enabled`): needs the CUDA allocator hooks; not applied yet
      (see apply_memory_plan), so it only reports that it is off;
   4. data parallelism and state sharding are applied last, by the engine (`longtrain/train/engine.py`):
@@ -16,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from longtrain.config.schema import Config
-from longtrain.memory import apply_activation_checkpointing, apply_memory_plan
+from longtrain.memory import apply_activation_policy, apply_memory_plan
 from longtrain.parallel.mesh import Mesh
 from longtrain.parallel.sequence_parallel import apply_sequence_parallel
 
@@ -26,8 +28,7 @@ def parallelize_model(model: nn.Module, cfg: Config, mesh: Mesh) -> nn.Module:
     sp = cfg.parallel.sp
     if mesh.sp_size > 1:
         apply_sequence_parallel(model, mesh.sp_group, mesh.sp_size, sp.method, sp.layout)
-    if cfg.memory.activation.policy == "recompute":
-        apply_activation_checkpointing(model)
+    model.swap_streams = apply_activation_policy(model, cfg, mesh.device, mesh.sp_size, mesh.sp_rank)
     if cfg.memory.planner.enabled:
         apply_memory_plan(model, cfg, mesh.device)
     return model

@@ -61,6 +61,15 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"data.document_mask=true masks packed documents, which parallel.sp.method={sp.method} "
                           f"does not support: use parallel.sp.method=ring (or ring_bidir), or "
                           f"data.document_mask=false to let packed documents attend to each other")
+    act = cfg.memory.activation
+    if act.policy in ("swap", "auto") or act.layers:  # the host budget and layer fit, before any GPU time
+        from longtrain.memory.swap_plan import SwapPlanError, plan_for_recipe
+
+        try:
+            plan_for_recipe(cfg, args, torch.device("cpu"),
+                            int(os.environ.get("LOCAL_WORLD_SIZE", cfg.launch.nproc)), fwd_ms=None)
+        except SwapPlanError as e:
+            raise ConfigError(str(e)) from None
     if args.vocab_size < tok.vocab_size:
         raise ConfigError(f"model vocab_size={args.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids: "
                           f"set model.vocab_size={tok.vocab_size} or more")

@@ -103,6 +103,18 @@ def test_packed_documents_with_sequence_parallel_match_one_process(tmp_path):
         assert two[s] == pytest.approx(one[s], rel=1e-9), s
 
 
+def test_activation_swapping_with_sequence_parallel_matches_one_process(tmp_path, one_process):
+    """Token-wise swapping (half the tokens swapped, half recomputed, every layer) under sp=2 ring:
+    the losses of the unsharded run that keeps its activations (float64; only sums reordered)."""
+    r = _train(tmp_path / "swap", *EXACT, "parallel.engine=torch", "launch.nproc=2", "parallel.sp.degree=2",
+               "memory.activation.policy=swap", "memory.activation.alpha=0.5", "memory.activation.keep_last_layers=0")
+    assert "activation swapping: 2 layers swap to host" in r.stderr
+    one, two = _losses(one_process), _losses(tmp_path / "swap")
+    assert list(two) == list(one)
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=1e-9), s
+
+
 def test_recompute_policy_gives_the_same_losses(tmp_path):
     _train(tmp_path / "keep", *EXACT)
     _train(tmp_path / "recompute", *EXACT, "memory.activation.policy=recompute")

@@ -80,6 +80,16 @@ def plan_recipe(cfg, out_dir: str | Path | None = None) -> PlanReport:
     rep.iteration_plan = plan_iteration(tr, rep.layer_plan, args.num_hidden_layers, time_limit_s=limit)
     rep.sections.append((f"level 2: the iteration ({args.num_hidden_layers} layers, skeletal tensors kept on GPU)",
                          rep.iteration_plan.table("plan").split("\n", 1)[1]))
+    act = cfg.memory.activation
+    if act.policy in ("swap", "auto") or act.layers:
+        from longtrain.memory.swap_plan import SwapPlanError, plan_for_recipe
+
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        try:
+            swap = plan_for_recipe(cfg, args, dev, int(cfg.launch.nproc), fwd_ms=None)
+        except SwapPlanError as e:
+            raise ConfigError(str(e)) from None
+        rep.sections.append(("activation swapping: the decision per layer", swap.table().rstrip()))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
