@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from longtrain.config.schema import Config
+from longtrain.config.schema import Config, DataConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # longtrain/recipes: the repo's recipes/, shipped in the wheel
 
@@ -55,6 +55,14 @@ def _check_keys(node: Any, schema_cls: type, prefix: str) -> None:
         sub = _dataclass_type(ftype)
         if sub is not None and value is not None:
             _check_keys(value, sub, path)
+        item = _list_item_type(ftype)
+        if item is not None and value is not None:
+            if not isinstance(value, list):
+                raise ConfigError(f"{path} must be a list, got {type(value).__name__}: {value!r}")
+            for i, v in enumerate(value):
+                _check_keys(v, item, f"{path}[{i}]")
+        if path.startswith("stages[") and key == "data" and value is not None:
+            _check_keys(value, DataConfig, path)  # a stage's data keys are those of the data section
 
 
 def _dataclass_type(ftype: Any) -> type | None:
@@ -63,6 +71,23 @@ def _dataclass_type(ftype: Any) -> type | None:
     if isinstance(ftype, str):  # postponed annotations: resolve names defined in the schema module
         ftype = getattr(schema, ftype, None)
     return ftype if dataclasses.is_dataclass(ftype) else None
+
+
+def _list_item_type(ftype: Any) -> type | None:
+    """`list[SomeDataclass]` (as a postponed annotation string) -> SomeDataclass."""
+    if isinstance(ftype, str) and ftype.startswith("list[") and ftype.endswith("]"):
+        return _dataclass_type(ftype[5:-1])
+    return None
+
+
+def stage_data(cfg: Config, index: int) -> DataConfig:
+    """The data section of stage `index`: the top-level `data` with the stage's `data` keys merged over it."""
+    over = cfg.stages[index].data if cfg.stages else {}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg.data), over)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad value in stages[{index}].data: {_first_line(e)}") from None
 
 
 def _overrides_to_dict(overrides: Sequence[str]) -> dict:
@@ -139,19 +164,9 @@ def validate(cfg: Config) -> None:
     elif not (Path(m.pretrained) / "config.json").is_file():
         raise ConfigError(f"model.pretrained={m.pretrained!r} has no config.json: point it at an HF checkpoint folder")
     _choice("model.dtype", m.dtype, ["float32", "bfloat16", "float64"])
-    _choice("data.source", d.source, ["needle", "jsonl", "text", "memmap"])
-    _choice("data.memmap_dtype", d.memmap_dtype, ["uint16", "uint32", "int32"])
-    _choice("data.needle.loss_on", d.needle.loss_on, ["all", "answer"])
-    if d.source != "needle" and not d.paths:
-        raise ConfigError(f"data.source={d.source!r} needs data.paths (a list of files)")
-    for p in d.paths:
-        if not Path(p).exists():
-            raise ConfigError(f"data.paths: {p!r} does not exist")
-    if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer={d.tokenizer!r}: use 'byte' or the path of a local tokenizer.json")
-    _positive("data.seq_len", d.seq_len)
-    if not 0 < d.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+    _validate_data(d, "data")
+    for i in range(len(cfg.stages)):
+        _validate_data(stage_data(cfg, i), f"stages[{i}].data")
     for key in ("steps", "micro_batch_size", "grad_accum", "loss_tile_tokens", "log_interval", "eval_samples"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.lr", t.lr)
@@ -180,7 +195,7 @@ def validate(cfg: Config) -> None:
                           f">= 0, got {act.keep_last_layers}, {act.host_budget_gib}, {act.pcie_gbps}, "
                           f"{act.layer_fwd_ms}")
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)
-    _choice("finetune.mode", cfg.finetune.mode, ["full"])
+    _validate_finetune(cfg)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
     _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
@@ -215,3 +230,58 @@ def validate(cfg: Config) -> None:
     _choice("launch.backend", cfg.launch.backend, ["auto", "gloo", "nccl"])
     _positive("launch.timeout_s", cfg.launch.timeout_s)
     _positive("launch.hang_timeout_s", cfg.launch.hang_timeout_s, allow_zero=True)
+
+
+def _validate_data(d: DataConfig, prefix: str) -> None:
+    _choice(f"{prefix}.source", d.source, ["needle", "keymap", "jsonl", "text", "memmap"])
+    _choice(f"{prefix}.memmap_dtype", d.memmap_dtype, ["uint16", "uint32", "int32"])
+    _choice(f"{prefix}.needle.loss_on", d.needle.loss_on, ["all", "answer"])
+    if d.source not in ("needle", "keymap") and not d.paths:
+        raise ConfigError(f"{prefix}.source={d.source!r} needs {prefix}.paths (a list of files)")
+    for p in d.paths:
+        if not Path(p).exists():
+            raise ConfigError(f"{prefix}.paths: {p!r} does not exist")
+    if d.tokenizer != "byte" and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"{prefix}.tokenizer={d.tokenizer!r}: use 'byte' or the path of a local tokenizer.json")
+    _positive(f"{prefix}.seq_len", d.seq_len)
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError(f"{prefix}.eval_fraction={d.eval_fraction} must be in (0, 1)")
+    if d.source == "keymap":
+        from longtrain.data.keymap import MAX_TASKS
+
+        if not 0 <= d.keymap.task < MAX_TASKS:
+            raise ConfigError(f"{prefix}.keymap.task={d.keymap.task}: use 0..{MAX_TASKS - 1} (the tag is one digit)")
+        if not 2 <= d.keymap.n_keys <= 26:
+            raise ConfigError(f"{prefix}.keymap.n_keys={d.keymap.n_keys}: use 2..26 (keys are the letters a..z)")
+
+
+def _validate_finetune(cfg: Config) -> None:
+    from longtrain.finetune import MODES
+
+    f = cfg.finetune
+    _choice("finetune.mode", f.mode, list(MODES))
+    names = set()
+    for i, st in enumerate(cfg.stages):
+        _positive(f"stages[{i}].steps", st.steps, allow_zero=True)
+        _positive(f"stages[{i}].lr", st.lr, allow_zero=True)
+        name = st.name or f"task{i}"
+        if name in names:
+            raise ConfigError(f"stages[{i}].name={name!r} is used twice: give every stage its own name")
+        names.add(name)
+    fp = f.fpf
+    _choice("finetune.fpf.select", fp.select, ["topk", "threshold"])
+    for key in ("top_k", "replay_tokens", "steps", "micro_batch_size", "k", "lr"):
+        _positive(f"finetune.fpf.{key}", getattr(fp, key))
+    _positive("finetune.fpf.threshold", fp.threshold, allow_zero=True)
+    if f.mode in ("fpf", "kfpf"):
+        longest = max([cfg.data.seq_len] + [stage_data(cfg, i).seq_len for i in range(len(cfg.stages))])
+        if fp.replay_tokens < longest:
+            raise ConfigError(f"finetune.fpf.replay_tokens={fp.replay_tokens} holds no sequence of {longest} tokens: "
+                              f"set it to a multiple of {longest} (e.g. {64 * longest})")
+        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+            raise ConfigError(f"finetune.mode={f.mode} reads and changes whole modules between optimizer steps, "
+                              "which ZeRO-3 shards: use parallel.zero_stage=2 (or 1)")
+    if (f.mode != "full" or len(cfg.stages) > 1) and cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+        raise ConfigError(f"finetune.mode={f.mode} with {len(cfg.stages)} stage(s): a new trainable set per stage "
+                          "rebuilds the engine, which is untested with ZeRO-3's partitioned parameters: "
+                          "use parallel.zero_stage=2 (or 1)")

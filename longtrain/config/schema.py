@@ -30,8 +30,14 @@ class NeedleConfig:
 
 
 @dataclass
+class KeymapConfig:
+    task: int = 0  # which lookup task (0-9): selects the key -> value permutation and the tag digit
+    n_keys: int = 16  # keys per task (letters a..), each mapped to a value letter by the task's permutation
+
+
+@dataclass
 class DataConfig:
-    source: str = "needle"  # needle (synthetic retrieval task) | jsonl | text | memmap
+    source: str = "needle"  # needle (synthetic retrieval task) | keymap (synthetic lookup tasks, for continual learning) | jsonl | text | memmap
     paths: list[str] = field(default_factory=list)  # input files for jsonl/text/memmap sources
     text_field: str = "text"  # jsonl field holding the document text
     memmap_dtype: str = "uint16"  # dtype of pre-tokenized memmap files: uint16 | uint32 | int32
@@ -40,7 +46,8 @@ class DataConfig:
     document_mask: bool = True  # packed documents attend only to themselves (false: to the whole sequence)
     eval_fraction: float = 0.05  # fraction of packed sequences held out for evaluation (file sources)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
-    num_samples: int = 100000  # synthetic samples in the training set (needle source)
+    keymap: KeymapConfig = field(default_factory=KeymapConfig)
+    num_samples: int = 100000  # synthetic samples in the training set (needle and keymap sources)
     seed: int = 1234  # data order and synthetic generation seed
 
 
@@ -110,8 +117,39 @@ class MemoryConfig:
 
 
 @dataclass
+class HFTConfig:
+    seed: int = 0  # selection seed: stage i draws its half with (seed, i); recorded in metrics and checkpoints
+    train_embeddings: bool = True  # the token embeddings train in every stage
+    train_lm_head: bool = True  # the LM head trains in every stage (tied to the embeddings: trains if either is set)
+    train_final_norm: bool = True  # the final RMSNorm trains in every stage
+
+
+@dataclass
+class FPFConfig:
+    select: str = "topk"  # how forgetting-prone modules are chosen from their drift: topk | threshold
+    top_k: int = 4  # modules selected when select=topk (modules = linear / norm / embedding layers)
+    threshold: float = 1.0e-3  # select=threshold: modules whose drift (RMS parameter change) exceeds this
+    replay_tokens: int = 16384  # replay buffer size (tokens): whole sequences, reservoir-sampled over all stages
+    steps: int = 20  # optimizer steps of each FPF fine-tune on the replay buffer
+    lr: float = 1.0e-3  # learning rate of the FPF fine-tune (AdamW, constant)
+    micro_batch_size: int = 4  # replay sequences per data-parallel rank per FPF step
+    k: int = 3  # kfpf only: FPF fine-tunes run k times, evenly spaced over all training steps
+    seed: int = 0  # seed of the reservoir sampling and of the replay batches
+
+
+@dataclass
 class FinetuneConfig:
-    mode: str = "full"  # full (every parameter trains)
+    mode: str = "full"  # full (every parameter trains) | hft (half fine-tuning) | fpf (forgetting-prone modules re-tuned on replay at the end) | kfpf (the same, k times during training)
+    hft: HFTConfig = field(default_factory=HFTConfig)
+    fpf: FPFConfig = field(default_factory=FPFConfig)
+
+
+@dataclass
+class StageConfig:
+    name: str = ""  # task name in tables and logs ("" = task<i>)
+    steps: int = 0  # optimizer steps of this stage (0 = train.steps)
+    lr: float = 0.0  # peak learning rate of this stage, warmup and cosine restart per stage (0 = train.lr)
+    data: dict[str, Any] = field(default_factory=dict)  # keys of the data section that differ in this stage, e.g. {keymap: {task: 1}}
 
 
 @dataclass
@@ -154,6 +192,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    stages: list[StageConfig] = field(default_factory=list)  # tasks trained in order (continual learning); empty = one stage from train and data
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)

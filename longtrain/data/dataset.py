@@ -12,12 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from .keymap import KeymapDataset, KeymapTask
 from .needle import NeedleTask
 from .packing import PackedStream
 from .sources import _as_paths, iter_jsonl, iter_text, load_memmap, split_on_eos
 from .tokenizer import load_tokenizer
 
-SOURCES = ("needle", "jsonl", "text", "memmap")
+SOURCES = ("needle", "keymap", "jsonl", "text", "memmap")
 
 # The train and eval splits of a file source come from one packed stream: keep the last one so
 # that building the eval split right after the train split does not tokenize the corpus again.
@@ -69,6 +70,7 @@ def build_dataset(
     eval_fraction: float = 0.05,
     num_samples: int = 100_000,
     needle_kwargs: Optional[dict] = None,
+    keymap_kwargs: Optional[dict] = None,
     seed: int = 0,
 ) -> torch.utils.data.Dataset:
     """A map-style dataset for split "train" or "eval".
@@ -77,6 +79,7 @@ def build_dataset(
     needle: `num_samples` training samples; eval has ceil(eval_fraction * num_samples) samples
         from a separate seed stream (never the training ones). needle_kwargs: n_keys,
         value_digits, loss_on.
+    keymap: the same sizes as needle; keymap_kwargs: task, n_keys (see data/keymap.py).
     jsonl/text/memmap: documents are tokenized (memmap: split on eos), packed, and the last
         eval_fraction of the packed sequences (at least one) is the eval split.
     """
@@ -96,6 +99,12 @@ def build_dataset(
         task = NeedleTask(tok, seq_len, seed=seed, split=split, **(needle_kwargs or {}))
         n = num_samples if split == "train" else max(1, math.ceil(eval_fraction * num_samples))
         return NeedleDataset(task, n)
+    if source == "keymap":
+        if num_samples < 1:
+            raise ValueError(f"data.num_samples={num_samples} must be at least 1")
+        task = KeymapTask(tok, seq_len, seed=seed, split=split, **(keymap_kwargs or {}))
+        n = num_samples if split == "train" else max(1, math.ceil(eval_fraction * num_samples))
+        return KeymapDataset(task, n)
 
     global _last_stream
     files = _as_paths(paths, source)

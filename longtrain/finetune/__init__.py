@@ -1,26 +1,21 @@
-"""Fine-tuning modes as components: each decides which parameters train. `full` trains all of them."""
+"""Fine-tuning modes as components (`finetune.mode`), chosen from this registry; the trainer only
+calls their hooks (see base.py): full.py, hft.py (Half Fine-Tuning), fpf.py (FPF and k-FPF);
+stages.py holds the stage list and the continual-learning metrics."""
 
 from __future__ import annotations
 
-import logging
+from longtrain.finetune.base import FinetuneMode, StageContext, leaf_modules, trainable_fraction
+from longtrain.finetune.fpf import FPFMode, KFPFMode
+from longtrain.finetune.full import FullMode
+from longtrain.finetune.hft import HFTMode
+from longtrain.finetune.stages import AccuracyMatrix, Stage, resolve_stages, stage_config
 
-from torch import nn
-
-from longtrain.config.schema import FinetuneConfig
-
-log = logging.getLogger(__name__)
-
-
-def apply_full(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(True)
+MODES: dict[str, type[FinetuneMode]] = {"full": FullMode, "hft": HFTMode, "fpf": FPFMode, "kfpf": KFPFMode}
 
 
-MODES = {"full": apply_full}
+def build_mode(cfg, mesh) -> FinetuneMode:
+    return MODES[cfg.finetune.mode](cfg, mesh)
 
 
-def apply_finetune_mode(model: nn.Module, cfg: FinetuneConfig) -> None:
-    MODES[cfg.mode](model)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("finetune mode %s: %.1f%% of %d parameters train", cfg.mode, 100 * trainable / max(total, 1), total)
+__all__ = ["MODES", "AccuracyMatrix", "FinetuneMode", "Stage", "StageContext", "build_mode", "leaf_modules",
+           "resolve_stages", "stage_config", "trainable_fraction"]

@@ -2,7 +2,8 @@
 
 Layout under `<output_dir>/checkpoints/`:
   step_00000010/   model.pt, optim.pt (model/optimizer/scheduler states), rng_rank<r>.pt (one per rank),
-                   meta.json (step, data position, model shape, W&B run id), config.yaml
+                   meta.json (step, data position, model shape, W&B run id, stage, accuracy matrix,
+                   fine-tuning mode state), finetune.pt (the mode's tensors), config.yaml
   latest           the name of the newest complete checkpoint, replaced atomically last
 
 A checkpoint is written into `step_X.tmp` and renamed only when every rank has finished writing,
@@ -67,9 +68,10 @@ def save_file(obj, path: Path) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, *, step: int, engine, mesh: Mesh, meta: dict, config_yaml: str,
-                    keep_last: int) -> Path:
+                    keep_last: int, files: dict | None = None) -> Path:
     """Collective: every rank calls. On a write error (disk full) the partial folder is removed on
-    every rank and the error re-raised; the previous checkpoint and `latest` are untouched."""
+    every rank and the error re-raised; the previous checkpoint and `latest` are untouched.
+    `files`: name -> object, written by rank 0 with torch.save (state identical on every rank)."""
     name = f"step_{step:08d}"
     final, tmp = ckpt_root / name, ckpt_root / f"{name}.tmp"
     if mesh.is_main:
@@ -81,6 +83,8 @@ def save_checkpoint(ckpt_root: Path, *, step: int, engine, mesh: Mesh, meta: dic
         engine.save(tmp)
         save_file(rng_state(), tmp / f"rng_rank{mesh.rank}.pt")
         if mesh.is_main:
+            for fname, obj in (files or {}).items():
+                save_file(obj, tmp / fname)
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": mesh.world_size,
                                                        "engine": engine.name}, indent=2))

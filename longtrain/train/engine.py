@@ -9,6 +9,12 @@ The trainer sees one interface: `module` (call it for the forward), `backward(lo
 micro-batch, `step()` once per optimizer step (returns the pre-clip global grad norm), `lr`,
 `save(dir)` / `load(dir)` (collective; every rank calls), and `full_state_dict()` (the whole model
 on rank 0, gathered from ZeRO-3 shards when needed, for HF export).
+
+An engine optimizes the parameters that have `requires_grad` when it is built. A new trainable set
+(a new continual-learning stage) means `destroy()` (which removes the engine's gradient hooks from
+the parameters) and a new engine. `refresh_master()` re-reads the optimizer's fp32 master copy from
+the weights after something outside the optimizer changed them (FPF); `optimized_parameters()` lists
+what the optimizer holds state for.
 """
 
 from __future__ import annotations
@@ -72,6 +78,15 @@ class TorchEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                          else nullcontext())
+
+    def destroy(self) -> None:
+        self.module = None  # DDP's reducer (and its gradient hooks) goes with the wrapper
+
+    def refresh_master(self) -> None:
+        pass  # the weights are the optimizer's master copy
+
+    def optimized_parameters(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def micro_context(self, last: bool):
         """DDP all-reduces only on the last micro-batch of a step."""
@@ -167,6 +182,21 @@ class DeepSpeedEngine:
         log.info("engine deepspeed: ZeRO-%d over %d ranks, bf16=%s, offload optimizer=%s params=%s",
                  z["stage"], mesh.world_size, self.ds_config["bf16"]["enabled"], "offload_optimizer" in z,
                  "offload_param" in z)
+
+    def destroy(self) -> None:
+        self.ds.destroy()  # removes ZeRO's gradient hooks from the parameters
+
+    def refresh_master(self) -> None:
+        opt = self.ds.optimizer
+        if hasattr(opt, "refresh_fp32_params"):  # ZeRO-1/2 and the bf16 optimizer keep an fp32 copy
+            opt.refresh_fp32_params()
+
+    def optimized_parameters(self) -> list[torch.Tensor]:
+        opt = self.ds.optimizer
+        groups = getattr(opt, "bit16_groups", None)  # ZeRO-1/2: the parameters flattened into its partitions
+        if groups is not None:
+            return [p for g in groups for p in g]
+        return [p for g in opt.param_groups for p in g["params"]]
 
     def micro_context(self, last: bool):
         return nullcontext()  # DeepSpeed counts micro-steps and reduces at the accumulation boundary itself

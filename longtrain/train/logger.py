@@ -72,8 +72,25 @@ class RunLogger:
         if not self.enabled:
             return
         self.log_step(rec)
-        parts = [f"{k} {v:.4f}" for k, v in rec.items() if k != "step"]
+        parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "step"]
         print(f"eval @ step {rec['step']} | " + " | ".join(parts), flush=True)
+
+    def log_stage(self, rec: dict, matrix) -> None:
+        """After a stage: its accuracy row, OP and BWT to metrics.jsonl; scalars and the matrix as a table to W&B."""
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(rec) + "\n")
+        print(f"stage {rec['stage']} ({rec['stage_name']}) done: accuracy per task "
+              + " ".join(f"{100 * a:.1f}%" for a in rec["acc_row"]) + f" | OP {100 * rec['op']:.1f}%"
+              + (f" | BWT {100 * rec['bwt']:+.1f}%" if "bwt" in rec else ""), flush=True)
+        if self.wandb is not None:
+            import wandb
+
+            vals = {"cl/op": rec["op"], **({"cl/bwt": rec["bwt"]} if "bwt" in rec else {})}
+            vals.update({f"cl/acc/{matrix.names[j]}": a for j, a in enumerate(rec["acc_row"])})
+            rows = [[matrix.names[i]] + r + [None] * (len(matrix.names) - len(r)) for i, r in enumerate(matrix.rows)]
+            vals["cl/accuracy_matrix"] = wandb.Table(columns=["after"] + matrix.names, data=rows)
+            self.wandb.log(vals, step=rec["step"])
 
     def close(self) -> None:
         if not self.enabled:

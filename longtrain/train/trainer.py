@@ -10,6 +10,9 @@ number of ranks.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import itertools
+import json
 import signal
 import subprocess
 import sys
@@ -21,7 +24,7 @@ import torch
 from longtrain.attention import get_kernel
 from longtrain.config import Config, ConfigError, to_yaml
 from longtrain.data import ResumableSampler, build_dataset, collate, load_tokenizer
-from longtrain.finetune import apply_finetune_mode
+from longtrain.finetune import AccuracyMatrix, build_mode, resolve_stages, stage_config, trainable_fraction
 from longtrain.models import DTYPES, build_model, save_hf
 from longtrain.parallel import Mesh, all_reduce_sum, init_mesh, parallelize_model
 from longtrain.parallel.sharding import shard_sequence
@@ -60,33 +63,93 @@ def git_sha() -> str:
 
 
 class Trainer:
+    """Runs the recipe's stages in order (one stage when the recipe lists none). Per stage: the
+    fine-tuning mode sets the trainable parameters, the engine is rebuilt for them, the stage's steps
+    run, then every task seen so far is evaluated into the accuracy matrix (finetune/stages.py).
+    The trainer also serves as the modes' `StageContext` (model, mesh, engine, sample, forward_loss)."""
+
     def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
-        t, d, m = cfg.train, cfg.data, cfg.model
+        t, m = cfg.train, cfg.model
         self.run_dir = Path(t.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.tokenizer = load_tokenizer(d.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.args = model_shape(cfg)
         assert self.args.vocab_size >= self.tokenizer.vocab_size, "preflight checks the vocabulary"
         self.model = build_model(self.args, device=mesh.device, dtype=DTYPES[m.dtype],
                                  attention_kernel=t.attention_kernel, pretrained=m.pretrained,
                                  init_std=m.init_std, seed=t.seed)
-        apply_finetune_mode(self.model, cfg.finetune)
         parallelize_model(self.model, cfg, mesh)
-        self.engine = build_engine(self.model, cfg, mesh)
-        data_kw = dict(tokenizer=self.tokenizer, seq_len=d.seq_len, paths=list(d.paths), text_field=d.text_field,
-                       memmap_dtype=d.memmap_dtype, eval_fraction=d.eval_fraction, num_samples=d.num_samples,
-                       needle_kwargs=dict(n_keys=d.needle.n_keys, value_digits=d.needle.value_digits,
-                                          loss_on=d.needle.loss_on), seed=d.seed)
-        self.train_set = build_dataset(d.source, split="train", **data_kw)
-        self.eval_set = build_dataset(d.source, split="eval", **data_kw)
+        self.mode = build_mode(cfg, mesh)
+        self.stages = resolve_stages(cfg)
+        self.stage_ends = list(itertools.accumulate(s.steps for s in self.stages))
+        self.total_steps = self.stage_ends[-1]
+        self.train_sets = [self._dataset(s.data, "train") for s in self.stages]
+        self.eval_sets = [self._dataset(s.data, "eval") for s in self.stages]
+        self.acc = AccuracyMatrix([s.name for s in self.stages])
         self.per_rank = t.micro_batch_size * t.grad_accum
-        self.sampler = ResumableSampler(len(self.train_set), self.per_rank * mesh.dp_size, mesh.dp_rank,
-                                        mesh.dp_size, seed=d.seed)
-        self._batches = iter(self.sampler)  # lazy: reads the sampler's position at the first step (after resume)
+        self.engine = None
+        self.stage = 0
         self.step = 0
         self.wandb_id = None
+
+    def _dataset(self, d, split: str):
+        return build_dataset(d.source, split=split, tokenizer=self.tokenizer, seq_len=d.seq_len, paths=list(d.paths),
+                             text_field=d.text_field, memmap_dtype=d.memmap_dtype, eval_fraction=d.eval_fraction,
+                             num_samples=d.num_samples, seed=d.seed,
+                             needle_kwargs=dict(n_keys=d.needle.n_keys, value_digits=d.needle.value_digits,
+                                                loss_on=d.needle.loss_on),
+                             keymap_kwargs=dict(task=d.keymap.task, n_keys=d.keymap.n_keys))
+
+    # ---- stages -------------------------------------------------------------------------------
+    def begin_stage(self, i: int) -> dict:
+        """The mode picks the trainable parameters, then a new engine (and optimizer) is built for
+        exactly those: frozen parameters get no gradient and no optimizer state."""
+        st, mesh = self.stages[i], self.mesh
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+            gc.collect()  # the old engine's flat buffers and hooks go before the new ones are made
+        rec = self.mode.on_stage_start(self.model, i)
+        self.stage = i
+        self.engine = build_engine(self.model, stage_config(self.cfg, st), mesh)
         self.autocast = self.engine.autocast
+        self.train_set, self.eval_set = self.train_sets[i], self.eval_sets[i]
+        self.sampler = ResumableSampler(len(self.train_set), self.per_rank * mesh.dp_size, mesh.dp_rank,
+                                        mesh.dp_size, seed=st.data.seed)
+        self._batches = iter(self.sampler)  # lazy: reads the sampler's position at the first step (after resume)
+        frac = trainable_fraction(self.model)
+        log.info("stage %d/%d %r: %d steps at lr %.2e, finetune.mode=%s, %.1f%% of the parameters train",
+                 i + 1, len(self.stages), st.name, st.steps, st.lr, self.cfg.finetune.mode, 100 * frac)
+        return {"step": self.step, "stage": i, "stage_name": st.name, "trainable_fraction": frac, **rec}
+
+    def end_stage(self, i: int, logger: RunLogger) -> dict:
+        """The mode's stage-end work (FPF's fine-tune), then every task seen so far is evaluated."""
+        rec = self.mode.on_stage_end(self, i, last=i == len(self.stages) - 1)
+        if rec:
+            logger.log_step({"step": self.step, "stage": i, **rec})
+        evals = []
+        for j in range(i + 1):
+            ev = self.evaluate(self.eval_sets[j])
+            logger.log_eval({**ev, "task": j} if len(self.stages) > 1 else ev)
+            evals.append(ev)
+        accs = [ev.get("eval_needle_acc") for ev in evals]
+        if all(a is not None for a in accs):  # data with answers (needle, keymap): the accuracy matrix
+            self.acc.add_row(accs)
+            if self.mesh.is_main:
+                (self.run_dir / "accuracy_matrix.md").write_text(self.acc.table())
+            logger.log_stage({"step": self.step, **self.acc.record()}, self.acc)
+        return evals[-1]
+
+    # ---- StageContext: what the modes may use -------------------------------------------------
+    def sample(self, stage: int, index: int) -> dict:
+        return self.train_sets[stage][index]
+
+    def forward_loss(self, samples: list[dict]):
+        b = self._to_device(collate(samples), BATCH_KEYS)
+        with self.autocast:
+            return self.model(b["input_ids"], b["position_ids"], b["labels"],
+                              loss_tile_tokens=self.cfg.train.loss_tile_tokens)
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _to_device(self, batch: dict, keys) -> dict:
@@ -106,11 +169,13 @@ class Trainer:
         return batch["doc_ids"] if self.cfg.data.document_mask else None
 
     def _micro_batches(self):
+        start = self.sampler.consumed
         idx = next(self._batches)
+        # The mode sees the whole global batch (the same list on every rank), e.g. for a replay buffer.
+        self.mode.on_batch(self.stage, self.sampler.global_indices(start, start + self.sampler.global_batch_size))
         samples = [self.train_set[i] for i in idx]
         mb = self.cfg.train.micro_batch_size
         return [self._to_device(collate(samples[i:i + mb]), BATCH_KEYS) for i in range(0, len(samples), mb)]
-
     def train_step(self) -> dict:
         t, mesh = self.cfg.train, self.mesh
         t0 = time.perf_counter()
@@ -134,23 +199,26 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.step += 1
         n_seqs = self.per_rank * mesh.dp_size
-        flops_dev = train_flops(self.args, n_seqs, self.cfg.data.seq_len) / mesh.world_size / dt
+        seq_len = self.stages[self.stage].data.seq_len
+        flops_dev = train_flops(self.args, n_seqs, seq_len) / mesh.world_size / dt
         return {"step": self.step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": n_seqs * self.cfg.data.seq_len / dt, "tflops_per_device": flops_dev / 1e12,
+                "tokens_per_s": n_seqs * seq_len / dt, "tflops_per_device": flops_dev / 1e12,
                 "mfu": flops_dev / (t.peak_tflops * 1e12), "peak_mem_gib": peak_memory_gib(mesh.device),
                 "step_time_s": dt, "tokens": int(global_tokens)}
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Mean loss over the eval set's first `eval_samples` sequences, and needle accuracy when the
-        data has answers (teacher-forced exact match on the answer tokens, the LM head applied only there)."""
+    def evaluate(self, eval_set=None) -> dict:
+        """Mean loss over the eval set's first `eval_samples` sequences, and answer accuracy when the
+        data has answers (needle, keymap: teacher-forced exact match on the answer tokens, the LM head
+        applied only there; reported as eval_needle_acc). Default: the current stage's eval set."""
         model, mesh, t = self.model, self.mesh, self.cfg.train
+        eval_set = self.eval_set if eval_set is None else eval_set
         model.eval()
-        n = min(t.eval_samples, len(self.eval_set))
+        n = min(t.eval_samples, len(eval_set))
         acc = torch.zeros(4, dtype=torch.float64, device=mesh.device)  # loss_sum, tokens, correct, total
         for i in range(mesh.dp_rank, n, mesh.dp_size):  # the ranks of an sp group share sample i
-            sample = collate([self.eval_set[i]])
+            sample = collate([eval_set[i]])
             b = self._to_device(sample, [k for k, v in sample.items() if torch.is_tensor(v)])
             with self.autocast:
                 h = model.model(b["input_ids"], b["position_ids"], self._docs(b))
@@ -174,25 +242,44 @@ class Trainer:
         return out
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def _meta(self) -> dict:
+    def _meta(self, stage_done: bool) -> dict:
         return {"sampler": self.sampler.state_dict(), "model_args": dataclasses.asdict(self.args),
-                "wandb_id": self.wandb_id}
+                "wandb_id": self.wandb_id, "stage": self.stage, "stage_done": stage_done, "acc": self.acc.rows,
+                "finetune_mode": self.cfg.finetune.mode, "finetune": self.mode.state_dict()}
 
-    def save(self) -> Path:
-        return save_checkpoint(self.ckpt_root, step=self.step, engine=self.engine, mesh=self.mesh, meta=self._meta(),
-                               config_yaml=to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+    def save(self, stage_done: bool = False) -> Path:
+        return save_checkpoint(self.ckpt_root, step=self.step, engine=self.engine, mesh=self.mesh,
+                               meta=self._meta(stage_done), config_yaml=to_yaml(self.cfg),
+                               keep_last=self.cfg.checkpoint.keep_last,
+                               files={"finetune.pt": self.mode.tensors()})
 
-    def maybe_resume(self) -> None:
+    def read_resume(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from and its meta; the mode's state is restored at once (before
+        the resumed stage starts, so that stage re-applies what the checkpoint recorded)."""
         path = find_resume(self.cfg.checkpoint.resume, self.ckpt_root)
         if path is None:
             if self.cfg.checkpoint.resume == "auto":
                 log.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_root)
-            return
+            return None, None
+        meta = json.loads((path / "meta.json").read_text())
+        saved_mode = meta.get("finetune_mode", "full")
+        if saved_mode != self.cfg.finetune.mode:
+            raise ConfigError(f"checkpoint {path} was written with finetune.mode={saved_mode}; this run has "
+                              f"{self.cfg.finetune.mode}: resume with the mode that wrote it")
+        if meta.get("stage", 0) >= len(self.stages):
+            raise ConfigError(f"checkpoint {path} is at stage {meta['stage']}, the recipe has {len(self.stages)} "
+                              "stage(s): resume with the recipe that wrote it")
+        tensors = torch.load(path / "finetune.pt", weights_only=True) if (path / "finetune.pt").is_file() else {}
+        self.mode.load_state_dict(meta.get("finetune", {}), tensors)
+        self.acc = AccuracyMatrix(self.acc.names, meta.get("acc", []))
+        self.wandb_id = meta.get("wandb_id")
+        return path, meta
+
+    def load(self, path: Path) -> None:
         meta = load_checkpoint(path, engine=self.engine, mesh=self.mesh, args=self.args)
         self.step = meta["step"]
         self.sampler.load_state_dict(meta["sampler"])
-        self.wandb_id = meta.get("wandb_id")
-        log.info("resumed from %s at step %d", path, self.step)
+        log.info("resumed from %s at step %d (stage %d)", path, self.step, self.stage)
 
     # ---- the run ------------------------------------------------------------------------------
     def write_run_info(self) -> None:
@@ -205,10 +292,10 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, mesh, t = self.cfg, self.mesh, self.cfg.train
-        self.maybe_resume()
+        path, meta = self.read_resume()
         self.write_run_info()
-        logger = RunLogger(self.run_dir, enabled=mesh.is_main, total_steps=t.steps, wandb_cfg=cfg.logging.wandb,
-                           config_dict=dataclasses.asdict(cfg), wandb_id=self.wandb_id)
+        logger = RunLogger(self.run_dir, enabled=mesh.is_main, total_steps=self.total_steps,
+                           wandb_cfg=cfg.logging.wandb, config_dict=dataclasses.asdict(cfg), wandb_id=self.wandb_id)
         self.wandb_id = logger.wandb_id
         n_params = self.model.num_params()
         cdtype = torch.bfloat16 if t.precision == "bf16" else DTYPES[cfg.model.dtype]
@@ -218,33 +305,49 @@ class Trainer:
                  get_kernel(t.attention_kernel, mesh.device, cdtype).name)
         stop = _StopFlag()
         watchdog = StepWatchdog(cfg.launch.hang_timeout_s, mesh.rank)
-        last = {}
+        last, final_eval = {}, {}
+        first = meta["stage"] if meta else 0
         try:
-            while self.step < t.steps:
-                watchdog.arm(self.step + 1)
-                last = self.train_step()
-                watchdog.disarm()
-                logger.log_step(last)
-                if self.step % t.log_interval == 0 or self.step == t.steps:
-                    logger.progress(last)
-                if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
-                    logger.log_eval(self.evaluate())
-                flag = all_reduce_sum(torch.tensor([float(stop.signum)], device=mesh.device), mesh).item()
-                if flag:
-                    log.warning("signal received: saving a checkpoint at step %d and exiting", self.step)
-                    self.save()
-                    return {**last, "preempted": True, "step": self.step, "signal": int(flag)}
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < t.steps:
-                    self.save()
-            final_eval = self.evaluate()
-            logger.log_eval(final_eval)
-            self.save()
+            for i in range(first, len(self.stages)):
+                rec = self.begin_stage(i)
+                if meta is not None and i == first:
+                    self.load(path)  # into the engine built for the stage the checkpoint was in
+                    if meta.get("stage_done"):
+                        continue
+                else:
+                    logger.log_step(rec)
+                stage_start = self.stage_ends[i] - self.stages[i].steps
+                while self.step < self.stage_ends[i]:
+                    watchdog.arm(self.step + 1)
+                    last = self.train_step()
+                    watchdog.disarm()
+                    logger.log_step(last)
+                    if self.step % t.log_interval == 0 or self.step == self.total_steps:
+                        logger.progress(last)
+                    extra = self.mode.on_step_end(self, self.step)
+                    if extra:
+                        logger.log_step({"step": self.step, "stage": i, **extra})
+                    in_stage = self.step - stage_start
+                    if t.eval_interval and in_stage % t.eval_interval == 0 and self.step < self.stage_ends[i]:
+                        logger.log_eval(self.evaluate())
+                    flag = all_reduce_sum(torch.tensor([float(stop.signum)], device=mesh.device), mesh).item()
+                    if flag:
+                        log.warning("signal received: saving a checkpoint at step %d and exiting", self.step)
+                        self.save()
+                        return {**last, "preempted": True, "step": self.step, "signal": int(flag)}
+                    if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
+                            and self.step < self.stage_ends[i]):
+                        self.save()
+                final_eval = self.end_stage(i, logger)
+                self.save(stage_done=True)
             if cfg.checkpoint.export_hf:
                 state = self.engine.full_state_dict()  # collective under ZeRO-3
                 if mesh.is_main:
                     save_hf(self.model, self.run_dir / "hf", state_dict=state)
                     log.info("exported HF safetensors to %s", self.run_dir / "hf")
-            return {"preempted": False, "step": self.step, **last, **final_eval}
+            cl = self.acc.record() if self.acc.rows else {}
+            return {"preempted": False, **last, **final_eval, "step": self.step,
+                    **{k: v for k, v in cl.items() if k in ("op", "bwt")}}
         finally:
             watchdog.disarm()
             stop.restore()
