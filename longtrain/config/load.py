@@ -264,6 +264,10 @@ def _validate_finetune(cfg: Config) -> None:
     for i, st in enumerate(cfg.stages):
         _positive(f"stages[{i}].steps", st.steps, allow_zero=True)
         _positive(f"stages[{i}].lr", st.lr, allow_zero=True)
+        src = stage_data(cfg, i).source
+        if src not in ("needle", "keymap"):
+            raise ConfigError(f"stages[{i}].data.source={src!r}: stages are scored by answer accuracy (the accuracy "
+                              "matrix, OP, BWT), which needs a task with answers: use needle or keymap")
         name = st.name or f"task{i}"
         if name in names:
             raise ConfigError(f"stages[{i}].name={name!r} is used twice: give every stage its own name")
