@@ -1,5 +1,7 @@
 """The training loop. It knows the model, the optimizer and the data; every parallel or memory
-technique reaches it only through `parallelize_model`, so nothing here branches on them.
+technique reaches it only through `parallelize_model`, and every fine-tuning mode only through its
+hooks (`longtrain/finetune/base.py`), so nothing here branches on them. A run is a list of stages
+(continual learning; one stage when the recipe lists none), each with a freshly built engine.
 
 Loss normalisation: each rank sums its per-token losses; every micro-batch's gradient is scaled by
 world_size / (labelled tokens in the whole global batch), and the engine averages gradients over all
@@ -118,6 +120,7 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.train_set), self.per_rank * mesh.dp_size, mesh.dp_rank,
                                         mesh.dp_size, seed=st.data.seed)
         self._batches = iter(self.sampler)  # lazy: reads the sampler's position at the first step (after resume)
+        self.step_times: list[float] = []
         frac = trainable_fraction(self.model)
         log.info("stage %d/%d %r: %d steps at lr %.2e, finetune.mode=%s, %.1f%% of the parameters train",
                  i + 1, len(self.stages), st.name, st.steps, st.lr, self.cfg.finetune.mode, 100 * frac)
@@ -138,7 +141,10 @@ class Trainer:
             self.acc.add_row(accs)
             if self.mesh.is_main:
                 (self.run_dir / "accuracy_matrix.md").write_text(self.acc.table())
-            logger.log_stage({"step": self.step, **self.acc.record()}, self.acc)
+            times = sorted(self.step_times[1:] or self.step_times)  # the first step also builds caches
+            timing = {"stage_step_time_s_median": times[len(times) // 2]} if times else {}
+            logger.log_stage({"step": self.step, **self.acc.record(), **timing,
+                              "trainable_fraction": trainable_fraction(self.model)}, self.acc)
         return evals[-1]
 
     # ---- StageContext: what the modes may use -------------------------------------------------
@@ -271,7 +277,12 @@ class Trainer:
                               "stage(s): resume with the recipe that wrote it")
         tensors = torch.load(path / "finetune.pt", weights_only=True) if (path / "finetune.pt").is_file() else {}
         self.mode.load_state_dict(meta.get("finetune", {}), tensors)
-        self.acc = AccuracyMatrix(self.acc.names, meta.get("acc", []))
+        # A stage is finished when its checkpoint reached the stage's end in *this* recipe: a run resumed
+        # with more steps (train.steps raised) continues that stage, and re-scores it at its new end.
+        stage = meta.get("stage", 0)
+        done = meta["step"] >= self.stage_ends[stage]
+        rows = meta.get("acc", [])
+        self.acc = AccuracyMatrix(self.acc.names, rows[:stage + 1] if done else rows[:stage])
         self.wandb_id = meta.get("wandb_id")
         return path, meta
 
@@ -312,7 +323,7 @@ class Trainer:
                 rec = self.begin_stage(i)
                 if meta is not None and i == first:
                     self.load(path)  # into the engine built for the stage the checkpoint was in
-                    if meta.get("stage_done"):
+                    if self.step >= self.stage_ends[i]:
                         continue
                 else:
                     logger.log_step(rec)
@@ -321,6 +332,7 @@ class Trainer:
                     watchdog.arm(self.step + 1)
                     last = self.train_step()
                     watchdog.disarm()
+                    self.step_times.append(last["step_time_s"])
                     logger.log_step(last)
                     if self.step % t.log_interval == 0 or self.step == self.total_steps:
                         logger.progress(last)
