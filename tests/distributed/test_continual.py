@@ -8,7 +8,8 @@ One worker per rank runs, in one process (to keep the suite fast):
      the stored selection is re-applied (not re-drawn) and the losses continue as in run 1;
   3. kfpf, 2 stages (sequence parallel over the 2 ranks when there are 2): each FPF fine-tune changes
      the selected modules only, leaves ZeRO's fp32 master copy equal to the weights, and the replay
-     buffer stays within its token budget.
+     buffer stays within its token budget;
+  4. fpf (data parallel): one such fine-tune after the last stage, with the same checks.
 Each rank reports what it saw; the test compares the ranks (selections, buffers must be identical).
 """
 
@@ -128,7 +129,12 @@ def _worker(rank, world, port, tmp, q):
         _run(_cfg(tmp / "kfpf", "finetune.mode=kfpf", "finetune.fpf.k=2", "finetune.fpf.steps=2",
                   "finetune.fpf.top_k=3", "finetune.fpf.replay_tokens=200", "finetune.fpf.micro_batch_size=2",
                   f"parallel.sp.degree={world}"), mesh, {})
-        report["kfpf_rounds"] = rounds
+        report["kfpf_rounds"] = list(rounds)
+        # 4. fpf: one fine-tune after the last stage, from the drift summed over both stages
+        rounds.clear()
+        _run(_cfg(tmp / "fpf", "finetune.mode=fpf", "finetune.fpf.steps=2", "finetune.fpf.top_k=2",
+                  "finetune.fpf.replay_tokens=200", "checkpoint.interval=0"), mesh_dp, {})
+        report["fpf_rounds"] = list(rounds)
         q.put(report)
     except BaseException as e:  # report instead of hanging the other rank's test
         import traceback
@@ -174,3 +180,9 @@ def test_continual_modes_zero2(tmp_path, world):
         assert rd["changed"] and all(n.startswith(prefixes) for n in rd["changed"]), rd
         assert rd["tokens"] <= 200 and len(rd["items"]) == 200 // 32
     assert {s for s, _ in rounds[1]["items"]} == {0, 1}  # replay spans the stages
+    (fp,) = r0["fpf_rounds"]  # fpf: once, at the end
+    assert len(fp["modules"]) == 2 and fp["changed"]
+    assert all(n.startswith(tuple(m + "." for m in fp["modules"])) for n in fp["changed"]), fp
+    assert fp["tokens"] <= 200 and {s for s, _ in fp["items"]} == {0, 1}
+    for r in reports[1:]:
+        assert r["fpf_rounds"] == r0["fpf_rounds"]
