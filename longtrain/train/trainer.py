@@ -155,7 +155,7 @@ class Trainer:
         b = self._to_device(collate(samples), BATCH_KEYS)
         with self.autocast:
             return self.model(b["input_ids"], b["position_ids"], b["labels"],
-                              loss_tile_tokens=self.cfg.train.loss_tile_tokens)
+                              loss_tile_tokens=self.cfg.train.loss_tile_tokens, doc_ids_BS=self._docs(b))
 
     # ---- one optimizer step -------------------------------------------------------------------
     def _to_device(self, batch: dict, keys) -> dict:
@@ -172,7 +172,7 @@ class Trainer:
 
     def _docs(self, batch: dict):
         """The packed documents' ids when documents are masked from each other (data.document_mask)."""
-        return batch["doc_ids"] if self.cfg.data.document_mask else None
+        return batch["doc_ids"] if self.stages[self.stage].data.document_mask else None
 
     def _micro_batches(self):
         start = self.sampler.consumed
