@@ -49,7 +49,8 @@ class KeymapTask:
         self._bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         self.n_pairs = (self.seq_len + 1 - len(self._bos) + 1) // PAIR_TOKENS  # the last pair needs no trailing space
         if self.n_pairs < 1:
-            raise ValueError(f"data.seq_len={seq_len} is too short for data.source=keymap: use at least {PAIR_TOKENS}")
+            raise ValueError(f"data.seq_len={seq_len} is too short for data.source=keymap: use at least "
+                             f"{PAIR_TOKENS - 1 + len(self._bos)} (one pair)")
         self.mapping = task_mapping(task, n_keys)
 
     def sample(self, index: int) -> dict:

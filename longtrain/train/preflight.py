@@ -57,7 +57,7 @@ def preflight(cfg: Config) -> None:
     if sp.method == "ring_bidir" and sp.degree > 1 and args.num_key_value_heads % 2:
         raise ConfigError(f"parallel.sp.method=ring_bidir splits the KV heads in two, the model has "
                           f"{args.num_key_value_heads}: use parallel.sp.method=ring")
-    if d.document_mask and d.source != "needle" and sp.degree > 1 and sp.method not in DOC_MASK_METHODS:
+    if d.document_mask and d.source not in ("needle", "keymap") and sp.degree > 1 and sp.method not in DOC_MASK_METHODS:
         raise ConfigError(f"data.document_mask=true masks packed documents, which parallel.sp.method={sp.method} "
                           f"does not support: use parallel.sp.method=ring (or ring_bidir), or "
                           f"data.document_mask=false to let packed documents attend to each other")
@@ -73,13 +73,18 @@ def preflight(cfg: Config) -> None:
     if args.vocab_size < tok.vocab_size:
         raise ConfigError(f"model vocab_size={args.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids: "
                           f"set model.vocab_size={tok.vocab_size} or more")
-    if d.source == "needle":  # the cheap source: build one sample now so a too-short seq_len fails here
-        try:
-            build_dataset("needle", tokenizer=tok, seq_len=d.seq_len, split="train", num_samples=1,
-                          needle_kwargs=dict(n_keys=d.needle.n_keys, value_digits=d.needle.value_digits,
-                                             loss_on=d.needle.loss_on), seed=d.seed)[0]
-        except ValueError as e:
-            raise ConfigError(f"data.seq_len={d.seq_len}: {e}") from None
+    from longtrain.config.load import stage_data
+
+    datas = [("data", d)] + [(f"stages[{i}].data", stage_data(cfg, i)) for i in range(len(cfg.stages))]
+    for where, sd in datas:
+        if sd.source in ("needle", "keymap"):  # cheap sources: build one sample now so a too-short seq_len fails here
+            try:
+                build_dataset(sd.source, tokenizer=tok, seq_len=sd.seq_len, split="train", num_samples=1,
+                              needle_kwargs=dict(n_keys=sd.needle.n_keys, value_digits=sd.needle.value_digits,
+                                                 loss_on=sd.needle.loss_on),
+                              keymap_kwargs=dict(task=sd.keymap.task, n_keys=sd.keymap.n_keys), seed=sd.seed)[0]
+            except ValueError as e:
+                raise ConfigError(f"{where}.seq_len={sd.seq_len}: {e}") from None
     try:
         path = find_resume(cfg.checkpoint.resume, Path(cfg.train.output_dir) / "checkpoints")
         if path is not None:
