@@ -50,7 +50,7 @@ class KeymapTask:
         self.n_pairs = (self.seq_len + 1 - len(self._bos) + 1) // PAIR_TOKENS  # the last pair needs no trailing space
         if self.n_pairs < 1:
             raise ValueError(f"data.seq_len={seq_len} is too short for data.source=keymap: use at least "
-                             f"{PAIR_TOKENS - 1 + len(self._bos)} (one pair)")
+                             f"{PAIR_TOKENS - 2 + len(self._bos)} (one pair)")
         self.mapping = task_mapping(task, n_keys)
 
     def sample(self, index: int) -> dict:
