@@ -9,7 +9,8 @@ One worker per rank runs, in one process (to keep the suite fast):
   3. kfpf, 2 stages (sequence parallel over the 2 ranks when there are 2): each FPF fine-tune changes
      the selected modules only, leaves ZeRO's fp32 master copy equal to the weights, and the replay
      buffer stays within its token budget;
-  4. fpf (data parallel): one such fine-tune after the last stage, with the same checks.
+  4. fpf (data parallel): one such fine-tune after the last stage, with the same checks;
+  5. hft again on the plain torch engine (DDP on 2 ranks), with the checks of 1.
 Each rank reports what it saw; the test compares the ranks (selections, buffers must be identical).
 """
 
@@ -64,6 +65,8 @@ def _run(cfg, mesh, checks, verify=True):
         by_id = {id(p): n for n, p in named.items()}
         held = {by_id[id(p)] for p in eng.optimized_parameters()}
         assert held == trainable, (held ^ trainable)  # optimizer state only for trainable parameters
+        if eng.name == "torch":  # AdamW's per-parameter state (moments) too
+            assert {by_id[id(p)] for p in eng.optimizer.state} == trainable
         for n, p in named.items():
             if n in trainable:
                 assert not torch.equal(p, checks["before"][n]), n
@@ -135,6 +138,11 @@ def _worker(rank, world, port, tmp, q):
         _run(_cfg(tmp / "fpf", "finetune.mode=fpf", "finetune.fpf.steps=2", "finetune.fpf.top_k=2",
                   "finetune.fpf.replay_tokens=200", "checkpoint.interval=0"), mesh_dp, {})
         report["fpf_rounds"] = list(rounds)
+        # 5. hft on the plain torch engine (DDP on 2 ranks): the same per-stage checks
+        torch_checks: dict = {}
+        _run(_cfg(tmp / "hft_torch", "finetune.mode=hft", "parallel.engine=torch", "checkpoint.interval=0"),
+             mesh_dp, torch_checks)
+        report["torch_selections"] = torch_checks["selections"]
         q.put(report)
     except BaseException as e:  # report instead of hanging the other rank's test
         import traceback
@@ -186,3 +194,4 @@ def test_continual_modes_zero2(tmp_path, world):
     assert fp["tokens"] <= 200 and {s for s, _ in fp["items"]} == {0, 1}
     for r in reports[1:]:
         assert r["fpf_rounds"] == r0["fpf_rounds"]
+    assert r0["torch_selections"] == sel  # same seed, same draw, whatever the engine
