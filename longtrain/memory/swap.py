@@ -121,7 +121,9 @@ class LayerSwap:
         base = t if t._base is None else t._base  # linear saves weight.t(): a view of the Parameter
         if (isinstance(base, nn.Parameter) or t.untyped_storage().data_ptr() in self.external
                 or t.device != self.streams.device or t.untyped_storage().nbytes() == 0 or not self.streams.copies):
-            return t  # weights and shared tables: kept by reference, as autograd does
+            # Weights, shared tables (RoPE), tensors on another device (checkpoint's CPU placeholder) and
+            # empty ones: kept by reference, as autograd does; likewise everything when copies are off.
+            return t
         st = t.untyped_storage()
         ptr = st.data_ptr()
         slot = self.storages.get(ptr)
