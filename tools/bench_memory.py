@@ -25,7 +25,7 @@ from torch import nn
 
 from longtrain.memory.checkpointing import apply_activation_checkpointing
 from longtrain.memory.swap import apply_activation_swap
-from longtrain.memory.swap_plan import LayerBytes, measure_copy_gbps, measure_layer_bytes
+from longtrain.memory.swap_plan import link_alpha, measure_copy_gbps, measure_layer_bytes
 from longtrain.models import model_args
 from longtrain.models.llama import DecoderLayer, rope_cos_sin, rope_inv_freq
 
@@ -97,11 +97,6 @@ def run_steps(stack, streams, args, s, device, dtype, iters):
     return res
 
 
-def model_alpha(lb: LayerBytes, gbps: float, fwd_ms: float) -> float:
-    """MEMO's bandwidth constraint (the host budget is not binding in this benchmark)."""
-    return max(0.0, min(1.0, (gbps * 1e9 * fwd_ms / 1e3 - lb.input - lb.attention) / max(lb.other, 1)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama3-8b")
@@ -136,7 +131,7 @@ def main() -> None:
         sync(device)
     fwd_ms = (time.perf_counter() - t0) * 1e3
     del probe, x
-    alpha_m = model_alpha(lb, gbps, fwd_ms)
+    alpha_m = link_alpha(lb, gbps, fwd_ms)
     print(f"{a.preset} widths, {a.layers} layers, {a.seq} tokens: S_input {lb.input / 2**30:.2f} GiB, S_attn "
           f"{lb.attention / 2**30:.2f} GiB, S_other {lb.other / 2**30:.2f} GiB per layer; D2H {gbps:.1f} GB/s; "
           f"layer forward {fwd_ms:.0f} ms; cost model alpha {alpha_m:.3f}", flush=True)
@@ -177,7 +172,7 @@ def main() -> None:
         for policy in ("recompute", "swap"):
             best = None
             for s in a.max_seqs:
-                alpha = model_alpha(measure_layer_bytes(args, dtype, s), gbps, fwd_ms * (s / a.seq) ** 2)
+                alpha = link_alpha(measure_layer_bytes(args, dtype, s), gbps, fwd_ms * (s / a.seq) ** 2)
                 try:
                     stack, streams = build(args, a.max_layers, a.kernel, device, dtype, policy, alpha, keep_last=0)
                     r = run_steps(stack, streams, args, s, device, dtype, 1)

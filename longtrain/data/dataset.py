@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .keymap import KeymapDataset, KeymapTask
+from .keymap import KeymapTask
 from .needle import NeedleTask
 from .packing import PackedStream
 from .sources import _as_paths, iter_jsonl, iter_text, load_memmap, split_on_eos
@@ -25,10 +25,11 @@ SOURCES = ("needle", "keymap", "jsonl", "text", "memmap")
 _last_stream: tuple = (None, None)
 
 
-class NeedleDataset(torch.utils.data.Dataset):
-    """`num_samples` samples of a NeedleTask; the answer string stays out (tensors only)."""
+class TaskDataset(torch.utils.data.Dataset):
+    """`num_samples` samples of a synthetic task (NeedleTask, KeymapTask: anything with `sample(i)`);
+    non-tensor values (the needle's answer string) stay out, keeping the batch all tensors."""
 
-    def __init__(self, task: NeedleTask, num_samples: int):
+    def __init__(self, task, num_samples: int):
         self.task, self.num_samples = task, int(num_samples)
 
     def __len__(self) -> int:
@@ -37,9 +38,7 @@ class NeedleDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
-        s = self.task.sample(i)
-        s.pop("answer")  # recoverable as labels[answer_mask]; keeps the batch all tensors
-        return s
+        return {k: v for k, v in self.task.sample(i).items() if torch.is_tensor(v)}
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -93,18 +92,14 @@ def build_dataset(
         raise ValueError(f"data.seq_len={seq_len} must be at least 1")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
 
-    if source == "needle":
+    synthetic = {"needle": (NeedleTask, needle_kwargs), "keymap": (KeymapTask, keymap_kwargs)}
+    if source in synthetic:
         if num_samples < 1:
             raise ValueError(f"data.num_samples={num_samples} must be at least 1")
-        task = NeedleTask(tok, seq_len, seed=seed, split=split, **(needle_kwargs or {}))
+        cls, kwargs = synthetic[source]
+        task = cls(tok, seq_len, seed=seed, split=split, **(kwargs or {}))
         n = num_samples if split == "train" else max(1, math.ceil(eval_fraction * num_samples))
-        return NeedleDataset(task, n)
-    if source == "keymap":
-        if num_samples < 1:
-            raise ValueError(f"data.num_samples={num_samples} must be at least 1")
-        task = KeymapTask(tok, seq_len, seed=seed, split=split, **(keymap_kwargs or {}))
-        n = num_samples if split == "train" else max(1, math.ceil(eval_fraction * num_samples))
-        return KeymapDataset(task, n)
+        return TaskDataset(task, n)
 
     global _last_stream
     files = _as_paths(paths, source)

@@ -72,16 +72,3 @@ class KeymapTask:
         answer_mask[vp[-1]] = True
         return {"input_ids": tokens[:-1].clone(), "labels": labels, "position_ids": torch.arange(S),
                 "doc_ids": torch.zeros(S, dtype=torch.long), "answer_mask": answer_mask}
-
-
-class KeymapDataset(torch.utils.data.Dataset):
-    def __init__(self, task: KeymapTask, num_samples: int):
-        self.task, self.num_samples = task, int(num_samples)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
-        return self.task.sample(i)

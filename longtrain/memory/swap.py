@@ -26,6 +26,7 @@ the same code runs with host-to-host copies and no streams, so the numerics are 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -71,6 +72,18 @@ class SwapStreams:
     def host_buffer(self, nbytes: int) -> Tensor:
         self.stats.host_bytes_pinned += nbytes
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+
+    @contextlib.contextmanager
+    def timed(self, kind: str):
+        """Bracket copies on the current stream with timing events (only when `timing` is on)."""
+        if not self.timing:
+            yield
+            return
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        yield
+        b.record()
+        self.stats.events.append((kind, a, b))
 
     def copy_time_s(self) -> tuple[float, float]:
         """Seconds spent in D2H and H2D copies (sum of event intervals) since the last reset."""
@@ -148,14 +161,8 @@ class LayerSwap:
             ready = torch.cuda.current_stream(s.device).record_event()
             with torch.cuda.stream(s.d2h):
                 s.d2h.wait_event(ready)
-                a = torch.cuda.Event(enable_timing=True) if s.timing else None
-                if a is not None:
-                    a.record()
-                host.copy_(src, non_blocking=True)
-                if a is not None:
-                    b = torch.cuda.Event(enable_timing=True)
-                    b.record()
-                    s.stats.events.append(("d2h", a, b))
+                with s.timed("d2h"):
+                    host.copy_(src, non_blocking=True)
             src.record_stream(s.d2h)  # the device memory stays ours until the copy is done
             self.d2h_done = s.d2h.record_event()
         else:
@@ -180,14 +187,8 @@ class LayerSwap:
                     s.h2d.wait_event(compute_now)
                     if self.d2h_done is not None:
                         s.h2d.wait_event(self.d2h_done)
-                    a = torch.cuda.Event(enable_timing=True) if s.timing else None
-                    if a is not None:
-                        a.record()
-                    dev.copy_(p.host, non_blocking=True)
-                    if a is not None:
-                        b = torch.cuda.Event(enable_timing=True)
-                        b.record()
-                        s.stats.events.append(("h2d", a, b))
+                    with s.timed("h2d"):
+                        dev.copy_(p.host, non_blocking=True)
                 dev.record_stream(s.h2d)
             else:
                 dev.copy_(p.host)

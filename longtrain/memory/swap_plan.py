@@ -123,6 +123,12 @@ def parse_alpha(text) -> float | None:
     return a
 
 
+def link_alpha(layer_bytes: LayerBytes, pcie_gbps: float, layer_fwd_ms: float) -> float:
+    """MEMO's bandwidth constraint alone: the largest alpha whose copies fit in one layer's forward."""
+    budget = pcie_gbps * 1e9 * layer_fwd_ms / 1e3 - layer_bytes.input - layer_bytes.attention
+    return max(0.0, min(1.0, budget / max(layer_bytes.other, 1)))
+
+
 def decide(n_layers: int, act, layer_bytes: LayerBytes, pcie_gbps: float, layer_fwd_ms: float,
            host_budget_bytes: int, sources: dict) -> SwapPlan:
     """The per-layer decisions (pure: every input given)."""
@@ -158,9 +164,8 @@ def decide(n_layers: int, act, layer_bytes: LayerBytes, pcie_gbps: float, layer_
         if fixed_alpha is not None:
             alpha = fixed_alpha
         else:
-            a_bw = (pcie_gbps * 1e9 * layer_fwd_ms / 1e3 - base) / max(layer_bytes.other, 1)
             a_host = (host_budget_bytes / max(len(swap_set), 1) - base) / max(layer_bytes.other, 1)
-            alpha = max(0.0, min(1.0, a_bw, a_host))
+            alpha = max(0.0, min(link_alpha(layer_bytes, pcie_gbps, layer_fwd_ms), a_host))
         for i in range(n_layers):
             if i in swap_set:
                 decisions[i] = ("swap", alpha)
@@ -174,7 +179,7 @@ def decide(n_layers: int, act, layer_bytes: LayerBytes, pcie_gbps: float, layer_
         if pol == "swap":
             a = fixed_alpha if a is None else a
             if a is None:  # a per-layer plain `swap` with alpha auto: the fastest alpha the link hides
-                a = max(0.0, min(1.0, (pcie_gbps * 1e9 * layer_fwd_ms / 1e3 - base) / max(layer_bytes.other, 1)))
+                a = link_alpha(layer_bytes, pcie_gbps, layer_fwd_ms)
             nbytes = layer_bytes.at(a)
             layers.append(LayerDecision(i, "swap", a, nbytes, nbytes * per_byte_ms))
         else:

@@ -165,14 +165,23 @@ class Trainer:
         out = {}
         for k in keys:
             v = batch[k]
+            if k == "doc_ids" and not self._masks_documents(v):
+                continue
             if mesh.sp_size > 1:
                 v = shard_sequence(v, 1, layout=lay, rank=mesh.sp_rank, world=mesh.sp_size)
             out[k] = v.to(mesh.device, non_blocking=True)
         return out
 
-    def _docs(self, batch: dict):
-        """The packed documents' ids when documents are masked from each other (data.document_mask)."""
-        return batch["doc_ids"] if self.stages[self.stage].data.document_mask else None
+    def _masks_documents(self, doc_ids_BS) -> bool:
+        """Document masks matter only with data.document_mask on and some sequence holding several
+        documents. Decided on the host's whole sequences (the same answer on every sp rank), so
+        single-document data costs attention nothing: no all-gather, no device-to-host sync."""
+        return self.stages[self.stage].data.document_mask and bool((doc_ids_BS != doc_ids_BS[:, :1]).any())
+
+    @staticmethod
+    def _docs(batch: dict):
+        """The packed documents' ids when they are masked from each other (see _masks_documents)."""
+        return batch.get("doc_ids")
 
     def _micro_batches(self):
         start = self.sampler.consumed

@@ -103,13 +103,18 @@ def test_bad_layout_length_is_refused():
     check_layout(100, 4, "contiguous")
 
 
-def _mismatch_worker(rank, world, port, q_out):
+def _refusal_worker(rank, world, port, case, q_out):
+    """Bad input that only the group as a whole can see: every rank must raise, none may hang."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo")
     try:
-        s_local = 8 if rank == 0 else 12  # rank 0 holds fewer tokens than the others
-        q, k, v = (torch.randn(1, s_local, 2, 8) for _ in range(3))
-        sp_attention_with_lse(q, k, v, group=None, method="ring", layout="contiguous", kernel="math")
+        if case == "shapes":  # rank 0 holds fewer tokens than the others
+            q, k, v = (torch.randn(1, 8 if rank == 0 else 12, 2, 8) for _ in range(3))
+            kw = dict(method="ring")
+        else:  # packed documents, a boundary between the two shards, under a method without masks
+            q, k, v = (torch.randn(1, 8, 2, 8) for _ in range(3))
+            kw = dict(method="token_ring", doc_ids=torch.tensor([[rank] * 8]))
+        sp_attention_with_lse(q, k, v, group=None, layout="contiguous", kernel="math", **kw)
         q_out.put((rank, "no error"))
     except ValueError as e:
         q_out.put((rank, str(e)))
@@ -118,25 +123,10 @@ def _mismatch_worker(rank, world, port, q_out):
 
 
 def test_mismatched_shapes_across_ranks_fail_on_every_rank():
-    got = dict(spawn_ranks(_mismatch_worker, 2))
+    got = dict(spawn_ranks(_refusal_worker, 2, "shapes"))
     assert all("differ across the sp group" in m and "rank 0: q (1, 8, 2, 8)" in m for m in got.values()), got
 
 
-def _doc_refusal_worker(rank, world, port, q_out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo")
-    try:
-        q, k, v = (torch.randn(1, 8, 2, 8) for _ in range(3))
-        doc_ids = torch.tensor([[rank] * 8])  # a document boundary between the two shards
-        sp_attention_with_lse(q, k, v, group=None, method="token_ring", layout="contiguous", kernel="math",
-                              doc_ids=doc_ids)
-        q_out.put((rank, "no error"))
-    except ValueError as e:
-        q_out.put((rank, str(e)))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_packed_documents_under_a_method_without_masks_fail_on_every_rank():
-    got = dict(spawn_ranks(_doc_refusal_worker, 2))
+    got = dict(spawn_ranks(_refusal_worker, 2, "documents"))
     assert all("does not take per-document masks" in m for m in got.values()), got
