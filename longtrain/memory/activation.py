@@ -60,7 +60,7 @@ def apply_activation_policy(model: nn.Module, cfg, device: torch.device, sp_size
     log.info("%s", plan.table().rstrip())
     if plan.recompute_layers():
         apply_activation_checkpointing(model, plan.recompute_layers())
-    streams = apply_activation_swap(model, plan.swap_alphas(), device)
+    streams = apply_activation_swap(model, plan.swap_alphas(), device, act.chunk_tokens)
     n_swap = len(plan.swap_alphas())
     log.info("activation swapping: %d layers swap to host (%.2f GiB per rank), %d recompute, %d keep", n_swap,
              plan.host_bytes / 1024**3, len(plan.recompute_layers()), len(plan.layers) - n_swap -

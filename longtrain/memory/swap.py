@@ -20,7 +20,9 @@ Mechanics (one `LayerSwap` per layer, `saved_tensors_hooks`):
           swapped layer's storages are copied back on the H2D stream, so layer i-1's copy runs while
           layer i computes its backward.
   unpack  the compute stream waits for that copy's event, then uses the buffer.
-Host buffers are pinned (CUDA), allocated at the first step and reused by every later step. On CPU
+Host buffers are pinned at their exact size (CUDA), allocated at the first step and reused by every
+later step. The (1 - alpha) tokens can be recomputed in chunks (`memory.activation.chunk_tokens`), so
+that backward holds one chunk's per-token activations at a time instead of the whole layer's. On CPU
 the same code runs with host-to-host copies and no streams, so the numerics are tested here.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +59,16 @@ class SwapStats:
     events: list = field(default_factory=list)  # (kind, start, end) cuda events
 
 
+def _unpin(ptr: int, device: torch.device) -> None:
+    """Runs just before a pinned host buffer is freed (it is replaced only on a shape change): the copies
+    queued on it must be done first."""
+    try:
+        torch.cuda.synchronize(device)
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:  # interpreter shutdown: the process is going away with its memory
+        pass
+
+
 class SwapStreams:
     """The side streams and the host-buffer pool shared by every swapped layer of a model."""
 
@@ -70,8 +83,20 @@ class SwapStreams:
         self.copies = True  # False: leave saved tensors on the device (bench_memory.py's no-copy twin)
 
     def host_buffer(self, nbytes: int) -> Tensor:
+        """A host buffer of exactly `nbytes`, page-locked on CUDA. Not from torch's pinned caching
+        allocator: that one rounds every block up to a power of two (a 4.2 GiB layer input would pin
+        8 GiB), which breaks the host budget's accounting. Plain host memory registered with
+        cudaHostRegister is pinned at its own size, and unregistered when the buffer is freed."""
         self.stats.host_bytes_pinned += nbytes
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        host = torch.empty(nbytes, dtype=torch.uint8)
+        if self.cuda and nbytes:
+            ptr = host.data_ptr()
+            err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+            if err:
+                raise RuntimeError(f"pinning {nbytes / 2**30:.2f} GiB of host memory failed (cudaError {err}): "
+                                   "lower memory.activation.host_budget_gib or the swapped share (alpha)")
+            weakref.finalize(host, _unpin, ptr, self.device)
+        return host
 
     @contextlib.contextmanager
     def timed(self, kind: str):
@@ -223,10 +248,11 @@ class SwappedLayer(ActivationWrapper):
     ActivationWrapper (torch's base of checkpoint_wrapper) keeps the wrapped layer's parameter names,
     so checkpoints and HF export see the plain model."""
 
-    def __init__(self, layer: nn.Module, swap: LayerSwap, alpha: float):
+    def __init__(self, layer: nn.Module, swap: LayerSwap, alpha: float, chunk_tokens: int = 0):
         super().__init__(layer)
         self.swap = swap
         self.alpha = float(alpha)
+        self.chunk_tokens = int(chunk_tokens)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, doc_ids_BS: Tensor | None = None) -> Tensor:
         layer = self._checkpoint_wrapped_module
@@ -237,11 +263,11 @@ class SwappedLayer(ActivationWrapper):
         sw.begin([cos, sin, doc_ids_BS])
         with torch.autograd.graph.saved_tensors_hooks(sw.pack, sw.unpack):
             sw.part = "pre"
-            q, k, v = self._rows(layer.pre_attention, n, x, cos, sin)
+            q, k, v = self._rows(layer.pre_attention, n, self.chunk_tokens, x, cos, sin)
             sw.part = "attention"
             o = layer.self_attn.core(q, k, v, doc_ids_BS)
             sw.part = "post"
-            y = self._rows(layer.post_attention, n, x, o)
+            y = self._rows(layer.post_attention, n, self.chunk_tokens, x, o)
         sw.end_forward()
         if y.requires_grad:
             y.register_hook(sw.on_backward)
@@ -250,35 +276,40 @@ class SwappedLayer(ActivationWrapper):
         return y
 
     @staticmethod
-    def _rows(fn, n: int, *inputs: Tensor):
-        """fn over all tokens, as two row groups: [0, n) with its activations saved (and swapped by the
-        hooks), [n, S) checkpointed. The checkpointed part saves nothing but its inputs, which are
-        views of the layer input / attention output: the hooks store their storage once."""
+    def _rows(fn, n: int, chunk: int, *inputs: Tensor):
+        """fn over all tokens, as row groups: [0, n) with its activations saved (and swapped by the
+        hooks), [n, S) checkpointed, in chunks of `chunk` tokens (0: one chunk) so that backward
+        recomputes one chunk's activations at a time. A checkpointed chunk saves nothing but its
+        inputs, which are views of the layer input / attention output: the hooks store their storage once."""
         s = inputs[0].shape[1]
         if n >= s:
             return fn(*inputs)
-        rest = [t[:, n:] for t in inputs]
-        recomputed = checkpoint(fn, *rest, use_reentrant=False, preserve_rng_state=False)
-        if n <= 0:
-            return recomputed
-        kept = fn(*(t[:, :n] for t in inputs))
-        if isinstance(kept, tuple):
-            return tuple(torch.cat(pair, dim=1) for pair in zip(kept, recomputed))
-        return torch.cat((kept, recomputed), dim=1)
+        step = chunk if chunk > 0 else s - n
+        parts = [fn(*(t[:, :n] for t in inputs))] if n > 0 else []
+        for a in range(n, s, step):
+            parts.append(checkpoint(fn, *(t[:, a:a + step] for t in inputs), use_reentrant=False,
+                                    preserve_rng_state=False))
+        if len(parts) == 1:
+            return parts[0]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(group, dim=1) for group in zip(*parts))
+        return torch.cat(parts, dim=1)
 
     def extra_repr(self) -> str:
-        return f"swap alpha={self.alpha:g}"
+        return f"swap alpha={self.alpha:g}" + (f", recompute chunks of {self.chunk_tokens}" if self.chunk_tokens else "")
 
 
-def apply_activation_swap(model: nn.Module, alphas: dict[int, float], device: torch.device) -> SwapStreams:
-    """Wrap the layers in `alphas` (index -> alpha) as SwappedLayer; returns the shared streams/pool."""
+def apply_activation_swap(model: nn.Module, alphas: dict[int, float], device: torch.device,
+                          chunk_tokens: int = 0) -> SwapStreams:
+    """Wrap the layers in `alphas` (index -> alpha) as SwappedLayer; returns the shared streams/pool.
+    `chunk_tokens`: recompute the (1 - alpha) tokens in chunks of this many (0: all at once)."""
     streams = SwapStreams(device)
     layers = model.model.layers
     prev = None
     for i in sorted(alphas):
         sw = LayerSwap(streams, i)
         sw.prev = prev
-        layers[i] = SwappedLayer(layers[i], sw, alphas[i])
+        layers[i] = SwappedLayer(layers[i], sw, alphas[i], chunk_tokens)
         prev = sw
     if prev is not None:
         # Backward reaches the last swapped layer only after the kept layers above it: start its fetch

@@ -12,8 +12,8 @@ Inputs, all measured unless the recipe gives them:
 alpha is the largest value with (S_input + S_attn + alpha * S_other) / B <= T_fwd (copies hidden
 behind the next layer's forward) and n_swapped * (S_input + S_attn + alpha * S_other) <= M_host. The last
 `keep_last_layers` layers keep their activations (their backward comes first). When even alpha = 0
-does not fit the host budget in every swappable layer, `auto` recomputes the layers that do not fit and
-`swap` refuses with the numbers.
+does not fit the host budget in every swappable layer, `auto` recomputes the layers that do not fit (the
+lowest ones) and `swap` refuses with the numbers.
 """
 
 from __future__ import annotations
@@ -160,7 +160,9 @@ def decide(n_layers: int, act, layer_bytes: LayerBytes, pcie_gbps: float, layer_
                 f"host budget {host_budget_bytes / GiB:.1f} GiB is too small to swap even one layer "
                 f"({base / GiB:.2f} GiB at alpha 0): raise memory.activation.host_budget_gib or use "
                 f"memory.activation.policy=recompute")
-        swap_set = set(swappable[:n_fit])
+        # The layers that do not fit are the lowest ones: a recomputed layer's backward holds the whole
+        # layer's activations at once, and at the bottom it runs when nothing above is stored any more.
+        swap_set = set(swappable[len(swappable) - n_fit:])
         if fixed_alpha is not None:
             alpha = fixed_alpha
         else:
