@@ -163,6 +163,11 @@ def validate(cfg: Config) -> None:
         _choice("model.preset", m.preset, list(PRESETS))
     elif not (Path(m.pretrained) / "config.json").is_file():
         raise ConfigError(f"model.pretrained={m.pretrained!r} has no config.json: point it at an HF checkpoint folder")
+    if m.num_hidden_layers is not None:
+        _positive("model.num_hidden_layers", m.num_hidden_layers)
+        if m.pretrained is not None:  # the checkpoint's weights fix the depth
+            raise ConfigError(f"model.num_hidden_layers={m.num_hidden_layers} with model.pretrained: a checkpoint's "
+                              "weights fix the depth; use a model.preset of the same width instead, or drop the override")
     _choice("model.dtype", m.dtype, ["float32", "bfloat16", "float64"])
     _validate_data(d, "data")
     for i in range(len(cfg.stages)):

@@ -18,6 +18,7 @@ class ModelConfig:
     vocab_size: Optional[int] = None  # override the preset's vocabulary size (tokens); None keeps the preset's
     max_position_embeddings: Optional[int] = None  # override the preset's RoPE context (tokens); None keeps it
     tie_word_embeddings: Optional[bool] = None  # share embedding and LM head weights; None keeps the preset's
+    num_hidden_layers: Optional[int] = None  # override the preset's depth (decoder layers; same width), e.g. for depth-truncated benchmarks; None keeps it
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 | float64 (bf16 compute comes from train.precision)
     init_std: float = 0.02  # std of the normal init of linear and embedding weights (ignored when loading pretrained)
 

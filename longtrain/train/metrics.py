@@ -28,9 +28,29 @@ def train_flops(a: LlamaArgs, n_seqs: int, seq_len: int, causal: bool = True) ->
     return dense + 3.0 * attn_fwd * (0.5 if causal else 1.0)
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource  # CPU: the process's peak resident set (Linux reports KiB)
+def host_peak_rss_gib() -> float:
+    """The process's peak resident set so far (Linux reports KiB)."""
+    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak device memory so far: CUDA's allocated bytes; on CPU the process's peak RSS stands in."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return host_peak_rss_gib()
+
+
+def memory_record(device: torch.device, swap_streams=None) -> dict:
+    """The memory fields of a step record, all peaks since the process started (a few counters read,
+    no device sync): device memory allocated (`peak_mem_gib`) and, on CUDA, reserved by the caching
+    allocator; the process's peak RSS; and the host buffers of the activation swap pool (pinned on
+    CUDA; allocated at the first step and reused, so their size is also their peak), when it has one."""
+    rec = {"peak_mem_gib": peak_memory_gib(device)}
+    if device.type == "cuda":
+        rec["peak_mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    rec["host_peak_rss_gib"] = host_peak_rss_gib()
+    if swap_streams is not None:
+        rec["swap_host_gib"] = swap_streams.stats.host_bytes_pinned / 2**30
+    return rec

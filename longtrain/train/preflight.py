@@ -15,7 +15,8 @@ def model_shape(cfg: Config):
     """The model's shape: the preset's or the HF folder's, with the recipe's overrides."""
     m = cfg.model
     return model_args(m.preset, m.pretrained, vocab_size=m.vocab_size,
-                      max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings)
+                      max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings,
+                      num_hidden_layers=m.num_hidden_layers)
 
 
 def preflight(cfg: Config) -> None:

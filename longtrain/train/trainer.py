@@ -33,7 +33,7 @@ from longtrain.parallel.sharding import shard_sequence
 from longtrain.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
 from longtrain.train.engine import build_engine
 from longtrain.train.logger import RunLogger, log, setup_logging
-from longtrain.train.metrics import peak_memory_gib, train_flops
+from longtrain.train.metrics import memory_record, train_flops
 from longtrain.train.preflight import model_shape
 from longtrain.train.watchdog import StepWatchdog
 
@@ -218,7 +218,7 @@ class Trainer:
         flops_dev = train_flops(self.args, n_seqs, seq_len) / mesh.world_size / dt
         return {"step": self.step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": n_seqs * seq_len / dt, "tflops_per_device": flops_dev / 1e12,
-                "mfu": flops_dev / (t.peak_tflops * 1e12), "peak_mem_gib": peak_memory_gib(mesh.device),
+                "mfu": flops_dev / (t.peak_tflops * 1e12), **memory_record(mesh.device, self.model.swap_streams),
                 "step_time_s": dt, "tokens": int(global_tokens)}
 
     # ---- evaluation ---------------------------------------------------------------------------

@@ -31,11 +31,24 @@ def test_defaults_and_overrides_are_typed():
     (["checkpoint.resume=/nope"], "checkpoint.resume='/nope'"),
     (["train.steps"], "is not key=value"),
     (["train.precision=bf16", "model.dtype=float64"], "model.dtype=float32"),
+    (["model.num_hidden_layers=0"], "model.num_hidden_layers=0 must be > 0"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("debug", override)
     assert needle in str(e.value)
+
+
+def test_depth_override_keeps_the_width(tmp_path):
+    from longtrain.train.preflight import model_shape
+
+    full = model_shape(load_config("quickstart"))
+    cut = model_shape(load_config("quickstart", ["model.num_hidden_layers=2"]))
+    assert (full.num_hidden_layers, cut.num_hidden_layers) == (4, 2)
+    assert cut.hidden_size == full.hidden_size and cut.intermediate_size == full.intermediate_size
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint's weights fix its depth
+    with pytest.raises(ConfigError, match="model.num_hidden_layers=2 with model.pretrained"):
+        load_config("quickstart", [f"model.pretrained={tmp_path}", "model.num_hidden_layers=2"])
 
 
 def test_unknown_recipe_suggests_the_closest():
