@@ -5,6 +5,9 @@
   longtrain config show RECIPE [key=value ...]  print the resolved config
   longtrain plan-memory RECIPE [key=value ...]  trace one layer, plan its memory (MEMO MIP), print the
                                                 tables and write the plans' JSON into the run directory
+  longtrain report RUN_DIR [RUN_DIR ...] [--bench JSON ...] [--out DIR]
+                                                plots (PNG) and report.md from runs' metrics.jsonl and
+                                                tools/bench_train.py JSON
 
 A RECIPE is a YAML path or a name from recipes/ (quickstart, debug, ...). User errors (bad keys,
 values, paths) print one line naming the problem and the fix, and exit with code 2.
@@ -60,6 +63,18 @@ def cmd_plan_memory(ns) -> int:
     return 0
 
 
+def cmd_report(ns) -> int:
+    from longtrain.train.report import ReportError, write_report
+
+    try:
+        out = write_report(ns.run_dirs, ns.bench, ns.out)
+    except ReportError as e:
+        print(f"longtrain: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"report written to {out / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longtrain", description="Train LLMs on million-token sequences.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -73,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=131072")
     pm.add_argument("--no-write", action="store_true", help="print only; do not write the JSON plans")
     pm.set_defaults(fn=cmd_plan_memory)
+    r = sub.add_parser("report", help="plot runs' metrics and bench results into PNGs and report.md")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (train.output_dir) with metrics.jsonl")
+    r.add_argument("--bench", nargs="+", default=[], metavar="JSON",
+                   help="tools/bench_train.py --json files: MFU and peak memory vs sequence length (default: none)")
+    r.add_argument("--out", default=None, help="output folder (default: the first run directory's report/)")
+    r.set_defaults(fn=cmd_report)
     c = sub.add_parser("config", help="inspect recipes")
     csub = c.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config")
