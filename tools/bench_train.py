@@ -1,0 +1,453 @@
+"""Throughput, MFU and memory of a recipe: K timed optimizer steps of the real trainer.
+
+    python tools/bench_train.py RECIPE [key=value ...] [--steps 10] [--warmup 3] [--layers N] [--json PATH]
+    torchrun --nproc-per-node 8 tools/bench_train.py RECIPE [...]     # several ranks: rank 0 prints and writes
+    python tools/bench_train.py RECIPE [...] --find-max-seq --seq-start 32768 --seq-step 8192 [--nproc 8]
+
+RECIPE and the overrides are those of `longtrain train`. Reported (the step of median time among the
+timed ones):
+  - tokens/s (all ranks) and model TFLOP/s per GPU, from the trainer's own step records (FLOPs are
+    counted once, in longtrain/train/metrics.py);
+  - MFU against train.peak_tflops (989 = H100/H200 SXM dense bf16 datasheet) and against a bf16
+    matmul measured on this device before training (8192^3 by default: what a GPU can actually do);
+  - peak GPU memory allocated and reserved, host buffers of the activation swap pool (pinned) and the
+    process's peak RSS: maxima over ranks, including the warm-up steps;
+  - the step time and, with activation swapping on CUDA, the copy streams' busy time per step.
+    Not measured: the compute share of the step, and how much communication or copy time is exposed
+    rather than hidden behind compute (the trainer has no hooks for it; bench_memory.py measures the
+    exposed copy time of a layer stack). The output and the JSON name these instead of guessing them.
+On CPU (`debug`, `quickstart`) it runs as a smoke test: no MFU basis exists there, and it says so.
+
+--layers N keeps the width and trains N decoder layers (model.num_hidden_layers=N); the output and
+the JSON say the model is depth-truncated. --json appends one record per run to a JSON list, which
+`longtrain report --bench` plots against sequence length.
+
+--find-max-seq searches the longest data.seq_len that trains the K steps: each attempt runs this
+script in a fresh process (under torchrun when --nproc > 1, or when launched by torchrun: then rank 0
+searches and starts its attempts on this node), from --seq-start doubling until an attempt fails,
+then bisecting down to --seq-step. An attempt ran out of memory when it exits non-zero after printing
+the OOM marker; any other failure stops the search and is reported as a failure, not as OOM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+OOM_MARKER = "BENCH_TRAIN_OOM"  # printed by an attempt that ran out of memory (with a non-zero exit)
+EXIT_USAGE, EXIT_OOM = 2, 3
+# Set by torchrun for its workers: an attempt started from a torchrun worker must not inherit them.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
+                "TORCHELASTIC_ERROR_FILE")
+
+
+class UsageError(ValueError):
+    """A bad flag or file: one line on stderr, exit code 2 (like the recipe errors of `longtrain`)."""
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say(*lines: str) -> None:
+    if _rank() == 0:
+        print("\n".join(lines), flush=True)
+
+
+# ---- one benchmark, on every rank -------------------------------------------------------------
+def bench_overrides(overrides: list[str], steps: int, warmup: int, layers: int | None) -> list[str]:
+    """The recipe's overrides plus the bench's own: the LR schedule spans the steps run, nothing is
+    resumed (the run directory may hold checkpoints of another depth), nothing goes to W&B."""
+    out = [*overrides, f"train.steps={warmup + steps}", "checkpoint.resume=null", "logging.wandb.mode=disabled"]
+    return out + ([f"model.num_hidden_layers={layers}"] if layers else [])
+
+
+def matmul_tflops(device, n: int, iters: int = 20) -> float:
+    """The bf16 matmul rate this device achieves (n x n x n, after a warm-up), in TFLOP/s."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        torch.mm(a, b, out=c)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2.0 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers: int | None,
+              matmul_n: int) -> dict | None:
+    """Every rank trains warmup + steps steps; rank 0 returns the record (the others None)."""
+    import torch
+    import torch.distributed as dist
+
+    from longtrain.config import load_config
+    from longtrain.models import model_args
+    from longtrain.parallel import init_mesh
+    from longtrain.train.logger import setup_logging
+    from longtrain.train.metrics import host_peak_rss_gib
+    from longtrain.train.preflight import model_shape, preflight
+    from longtrain.train.trainer import Trainer, git_sha
+
+    cfg = load_config(recipe, bench_overrides(overrides, steps, warmup, layers))
+    full_depth = model_args(cfg.model.preset, cfg.model.pretrained).num_hidden_layers
+    if layers and layers > full_depth:
+        raise UsageError(f"--layers {layers} is more than the model's {full_depth} layers: give at most "
+                         f"{full_depth} (the flag truncates, it does not deepen)")
+    preflight(cfg)
+    if "WORLD_SIZE" not in os.environ and cfg.launch.nproc > 1:
+        _say(f"note: launch.nproc={cfg.launch.nproc} is not used: bench_train.py runs the ranks it is started "
+             f"with (torchrun --nproc-per-node {cfg.launch.nproc} tools/bench_train.py ...)")
+    try:
+        mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s,
+                         need_group=cfg.parallel.engine == "deepspeed", sp_degree=cfg.parallel.sp.degree)
+    except ValueError as e:  # e.g. sp.degree=2 in a single process: say how to start more ranks
+        raise UsageError(f"{e} (bench_train.py runs the ranks it is started with: use torchrun --nproc-per-node N)") \
+            from None
+    setup_logging(mesh.rank)
+    torch.manual_seed(cfg.train.seed)
+    cuda = mesh.device.type == "cuda"
+    matmul = None
+    if cuda:  # before the model exists, so its memory is free; its buffers are not in the peaks below
+        matmul = matmul_tflops(mesh.device, matmul_n)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(mesh.device)
+    trainer = Trainer(cfg, mesh)
+    trainer.begin_stage(0)
+    streams = trainer.model.swap_streams
+    time_copies = cuda and streams is not None
+    recs, copies = [], []
+    for i in range(warmup + steps):
+        timed = i >= warmup
+        if time_copies:
+            streams.reset_stats()
+            streams.timing = timed
+        rec = trainer.train_step()
+        if timed:
+            recs.append(rec)
+            if time_copies:
+                d2h_s, h2d_s = streams.copy_time_s()
+                copies.append({"d2h_s": d2h_s, "h2d_s": h2d_s, "d2h_bytes": streams.stats.d2h_bytes,
+                               "h2d_bytes": streams.stats.h2d_bytes})
+    mem = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) / 2**30 if cuda else -1.0,
+                        torch.cuda.max_memory_reserved(mesh.device) / 2**30 if cuda else -1.0,
+                        streams.stats.host_bytes_pinned / 2**30 if streams is not None else 0.0,
+                        host_peak_rss_gib()], dtype=torch.float64, device=mesh.device)
+    if mesh.distributed:
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    trainer.engine.destroy()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not mesh.is_main:
+        return None
+
+    mid = sorted(recs, key=lambda r: r["step_time_s"])[len(recs) // 2]  # the step of median time
+    args = model_shape(cfg)
+    split = {"step_s": mid["step_time_s"]}
+    if copies:  # busy time of the copy streams per step: copies overlapped with compute count as well
+        split.update({f"swap_{k}_busy_s": statistics.median(c[f"{k}_s"] for c in copies) for k in ("d2h", "h2d")})
+        split.update({f"swap_{k}_bytes": copies[0][f"{k}_bytes"] for k in ("d2h", "h2d")})
+    tflops = mid["tflops_per_device"]
+    return {
+        "kind": "bench", "recipe": recipe, "overrides": list(overrides), "seq_len": trainer.stages[0].data.seq_len,
+        "world_size": mesh.world_size, "dp": mesh.dp_size, "sp": mesh.sp_size,
+        "sequences_per_step": trainer.per_rank * mesh.dp_size,
+        "layers": args.num_hidden_layers, "model_layers": full_depth,
+        "depth_truncated": args.num_hidden_layers < full_depth,
+        "device": mesh.device.type, "device_name": torch.cuda.get_device_name(mesh.device) if cuda else "cpu",
+        "precision": cfg.train.precision, "attention_kernel": cfg.train.attention_kernel,
+        "engine": cfg.parallel.engine, "activation_policy": cfg.memory.activation.policy,
+        "steps": steps, "warmup": warmup,
+        "step_time_s": mid["step_time_s"], "step_time_s_mean": statistics.fmean(r["step_time_s"] for r in recs),
+        "tokens_per_s": mid["tokens_per_s"], "tflops_per_device": tflops,
+        "peak_tflops": cfg.train.peak_tflops if cuda else None, "mfu": mid["mfu"] if cuda else None,
+        "matmul_tflops": matmul, "matmul_n": matmul_n if cuda else None,
+        "mfu_measured": tflops / matmul if matmul else None,
+        "mfu_note": None if cuda else "CPU: no peak FLOP rate to compare with (datasheet or measured matmul)",
+        "peak_mem_allocated_gib": mem[0].item() if cuda else None,
+        "peak_mem_reserved_gib": mem[1].item() if cuda else None,
+        "swap_host_gib": mem[2].item(), "host_peak_rss_gib": mem[3].item(),
+        "time_split": split,
+        "not_measured": ["compute_s", "exposed_comm_s", "exposed_copy_s"],
+        "not_measured_why": "the trainer has no hooks that separate compute from exposed communication and copies; "
+                            "swap_*_busy_s are the copy streams' total busy time, hidden or not",
+        "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
+        "git_sha": git_sha(), "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} GiB"
+
+
+def print_record(r: dict) -> None:
+    depth = (f"DEPTH-TRUNCATED: {r['layers']} of the model's {r['model_layers']} layers (same width)"
+             if r["depth_truncated"] else f"{r['layers']} layers")
+    mfu = (f"{100 * r['mfu']:.2f}% of {r['peak_tflops']:.0f} TFLOP/s (train.peak_tflops)" if r["mfu"] is not None
+           else f"n/a ({r['mfu_note']})")
+    mfu_m = (f"{100 * r['mfu_measured']:.2f}% of {r['matmul_tflops']:.0f} TFLOP/s (bf16 matmul "
+             f"{r['matmul_n']}^3 measured here)" if r["mfu_measured"] is not None else f"n/a ({r['mfu_note']})")
+    split = r["time_split"]
+    copies = (f"; swap copy streams busy {1e3 * split['swap_d2h_busy_s']:.1f} ms D2H, "
+              f"{1e3 * split['swap_h2d_busy_s']:.1f} ms H2D" if "swap_d2h_busy_s" in split else "")
+    print("\n".join([
+        f"{r['recipe']}: seq_len {r['seq_len']}, {r['sequences_per_step']} sequence(s) per step, {depth}, "
+        f"{r['world_size']} rank(s) (dp {r['dp']} x sp {r['sp']}) on {r['device_name']}, "
+        f"{r['steps']} timed steps after {r['warmup']} warm-up",
+        f"  step time           {r['step_time_s']:.4f} s (median; mean {r['step_time_s_mean']:.4f} s)",
+        f"  tokens/s            {r['tokens_per_s']:,.0f} (all ranks)",
+        f"  TFLOP/s per GPU     {r['tflops_per_device']:.4g}",
+        f"  MFU                 {mfu}",
+        f"  MFU (measured)      {mfu_m}",
+        f"  peak GPU memory     allocated {_gib(r['peak_mem_allocated_gib'])}, "
+        f"reserved {_gib(r['peak_mem_reserved_gib'])}",
+        f"  host memory         swap pool {_gib(r['swap_host_gib'])}, peak RSS {_gib(r['host_peak_rss_gib'])}",
+        f"  time split          step {1e3 * split['step_s']:.1f} ms{copies}; not measured: "
+        + ", ".join(r["not_measured"]) + f" ({r['not_measured_why']})",
+        f"  loss                {r['loss_first']:.4f} -> {r['loss_last']:.4f}",
+    ]), flush=True)
+
+
+def read_json_list(path: str | Path) -> list:
+    """The records already in a --json file ([] when it does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+        old = None
+    if not isinstance(old, list):
+        raise UsageError(f"--json {path} exists and is not a JSON list of records: give a new file")
+    return old
+
+
+def append_json(path: str | Path, records: list[dict]) -> None:
+    """Append to the JSON list in `path` (created if missing), written whole then renamed."""
+    path = Path(path)
+    old = read_json_list(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(old + records, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ---- the longest sequence that fits ----------------------------------------------------------
+@dataclass
+class Attempt:
+    seq_len: int
+    outcome: str  # ok | oom | failed
+    record: dict | None = None  # the attempt's bench record, when ok
+    detail: str = ""  # why it failed: the exit status and the output's last lines
+
+
+def search_max_seq(attempt: Callable[[int], Attempt], start: int, step: int, cap: int | None = None,
+                   on_attempt: Callable[[Attempt], None] = lambda a: None) -> tuple[int | None, list[Attempt]]:
+    """The largest multiple of `step` (start a multiple of it) that is ok: double from `start` until an
+    attempt runs out of memory (or `cap` is reached), then bisect between the last ok and the first OOM
+    length. Returns (the largest ok length or None, the attempts); a failed attempt ends the search."""
+    tried: list[Attempt] = []
+
+    def run(s: int) -> str:
+        a = attempt(s)
+        tried.append(a)
+        on_attempt(a)
+        return a.outcome
+
+    ok, oom, s = None, None, start
+    while True:  # doubling
+        s = min(s, cap) if cap else s
+        outcome = run(s)
+        if outcome == "failed":
+            return ok, tried
+        if outcome == "oom":
+            oom = s
+            break
+        ok = s
+        if cap and s >= cap:
+            return ok, tried
+        s *= 2
+    if ok is None:
+        return None, tried
+    while oom - ok > step:  # bisection: both are multiples of step, so mid lies strictly between them
+        mid = ok + (oom - ok) // 2 // step * step
+        outcome = run(mid)
+        if outcome == "failed":
+            return ok, tried
+        if outcome == "oom":
+            oom = mid
+        else:
+            ok = mid
+    return ok, tried
+
+
+def classify(returncode: int, output: str) -> str:
+    """An attempt's outcome from its exit status and output: OOM needs both a failure and the marker."""
+    if returncode == 0:
+        return "ok"
+    return "oom" if OOM_MARKER in output else "failed"
+
+
+def child_runner(ns, nproc: int, workdir: Path) -> Callable[[int], Attempt]:
+    """Runs one attempt in a fresh process (torchrun with nproc ranks when nproc > 1)."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+
+    def run(seq: int) -> Attempt:
+        out = workdir / f"seq_{seq}.json"
+        args = [ns.recipe, *ns.overrides, f"data.seq_len={seq}", "--steps", str(ns.steps), "--warmup", str(ns.warmup),
+                "--matmul-n", str(ns.matmul_n), "--json", str(out)]
+        args += ["--layers", str(ns.layers)] if ns.layers else []
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                        f"--nproc-per-node={nproc}"]
+        try:
+            p = subprocess.run([*launcher, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
+                               env=env, timeout=ns.attempt_timeout or None)
+        except subprocess.TimeoutExpired:
+            return Attempt(seq, "failed", detail=f"no result within --attempt-timeout {ns.attempt_timeout} s")
+        outcome = classify(p.returncode, p.stdout + p.stderr)
+        tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-6:])
+        if outcome != "ok":
+            how = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit status {p.returncode}"
+            return Attempt(seq, outcome, detail=f"{how}:\n{tail}")
+        recs = json.loads(out.read_text()) if out.is_file() else []
+        if not recs:
+            return Attempt(seq, "failed", detail=f"exit status 0 but no record in {out}:\n{tail}")
+        if recs[-1]["seq_len"] != seq:
+            return Attempt(seq, "failed", detail=f"trained seq_len {recs[-1]['seq_len']}, not {seq}: the recipe's "
+                                                 "first stage sets its own data.seq_len")
+        return Attempt(seq, "ok", record=recs[-1])
+
+    return run
+
+
+def describe(a: Attempt) -> str:
+    if a.outcome == "ok":
+        r = a.record
+        mem = (f"peak {r['peak_mem_allocated_gib']:.2f} GiB allocated" if r["peak_mem_allocated_gib"] is not None
+               else f"peak RSS {r['host_peak_rss_gib']:.2f} GiB")
+        return f"data.seq_len={a.seq_len}: ok, {r['tokens_per_s']:,.0f} tokens/s, {mem}"
+    if a.outcome == "oom":
+        return f"data.seq_len={a.seq_len}: out of memory"
+    return f"data.seq_len={a.seq_len}: FAILED (not out of memory), " + a.detail.replace("\n", "\n    ")
+
+
+def find_max_seq(ns) -> int:
+    from longtrain.config import load_config
+
+    if _rank() != 0:  # under torchrun: rank 0 searches, each attempt starting its own ranks
+        return 0
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world != local:
+        raise UsageError(f"--find-max-seq starts each attempt's {world} ranks on this node, but torchrun spans "
+                         "several nodes: run the search on one node")
+    if ns.seq_start <= 0 or ns.seq_step <= 0 or ns.seq_start % ns.seq_step:
+        raise UsageError(f"--seq-start {ns.seq_start} must be a positive multiple of --seq-step {ns.seq_step}")
+    if ns.seq_max and (ns.seq_max < ns.seq_start or ns.seq_max % ns.seq_step):
+        raise UsageError(f"--seq-max {ns.seq_max} must be a multiple of --seq-step {ns.seq_step}, "
+                         f">= --seq-start {ns.seq_start}")
+    # typos in the recipe or overrides are refused here (ConfigError), not by every attempt
+    cfg = load_config(ns.recipe, bench_overrides(ns.overrides, ns.steps, ns.warmup, ns.layers)
+                      + [f"data.seq_len={ns.seq_start}"])
+    nproc = ns.nproc or (world if "WORLD_SIZE" in os.environ else cfg.launch.nproc)
+    print(f"searching the longest data.seq_len for {ns.recipe} on {nproc} rank(s): from {ns.seq_start}, doubling, "
+          f"then bisecting to {ns.seq_step}" + (f", at most {ns.seq_max}" if ns.seq_max else ""), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        best, attempts = search_max_seq(child_runner(ns, nproc, Path(tmp)), ns.seq_start, ns.seq_step, ns.seq_max,
+                                        on_attempt=lambda a: print("  " + describe(a), flush=True))
+    failed = attempts[-1].outcome == "failed"
+    ooms = [a.seq_len for a in attempts if a.outcome == "oom"]
+    if best is None:
+        result = (f"no length could be tested: data.seq_len={ns.seq_start} failed" if failed
+                  else f"even data.seq_len={ns.seq_start} runs out of memory")
+    else:
+        bound = (f"{min(x for x in ooms if x > best)} runs out of memory" if ooms
+                 else f"the cap --seq-max {ns.seq_max} reached" if ns.seq_max and best >= ns.seq_max else "")
+        result = f"longest data.seq_len that trains {ns.steps} steps: {best}" + (f" ({bound})" if bound else "")
+        if failed:
+            result += f"; the search stopped at a failure at {attempts[-1].seq_len}, so longer ones may fit"
+    print(result, flush=True)
+    if ns.json:
+        summary = {"kind": "find_max_seq", "recipe": ns.recipe, "overrides": ns.overrides, "layers": ns.layers,
+                   "world_size": nproc, "seq_start": ns.seq_start, "seq_step": ns.seq_step, "seq_max": ns.seq_max,
+                   "max_seq_len": best, "stopped_by_failure": failed,
+                   "attempts": [{"seq_len": a.seq_len, "outcome": a.outcome, "detail": a.detail} for a in attempts]}
+        append_json(ns.json, [a.record for a in attempts if a.record] + [summary])
+    return 1 if failed else 0
+
+
+# ---- command line -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Throughput, MFU and memory of K training steps of a recipe.")
+    p.add_argument("recipe", help="YAML path or recipe name (as for `longtrain train`)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=131072")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default 3)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="train only N decoder layers of the same width (depth-truncated; default: all)")
+    p.add_argument("--json", default=None, help="append the record(s) to this JSON list (default: none)")
+    p.add_argument("--matmul-n", type=int, default=8192, help="size of the measured bf16 matmul (default 8192)")
+    p.add_argument("--find-max-seq", action="store_true", help="search the longest data.seq_len that trains")
+    p.add_argument("--seq-start", type=int, default=4096, help="first length tried (default 4096)")
+    p.add_argument("--seq-step", type=int, default=1024, help="granularity of the bisection (default 1024)")
+    p.add_argument("--seq-max", type=int, default=0, help="longest length tried (default 0: no limit)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="ranks per attempt of --find-max-seq (default 0: those of the torchrun that started "
+                        "this, else the recipe's launch.nproc)")
+    p.add_argument("--attempt-timeout", type=int, default=0,
+                   help="seconds before an attempt counts as failed (default 0: no limit)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_intermixed_args(argv)
+    if ns.steps < 1 or ns.warmup < 0 or (ns.layers is not None and ns.layers < 1):
+        print(f"bench_train: error: need --steps >= 1 (got {ns.steps}), --warmup >= 0 (got {ns.warmup}) and "
+              f"--layers >= 1 (got {ns.layers})", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+
+    from longtrain.config import ConfigError
+
+    try:
+        if ns.json:  # refused now rather than after the runs
+            read_json_list(ns.json)
+        if ns.find_max_seq:
+            return find_max_seq(ns)
+        rec = run_bench(ns.recipe, ns.overrides, ns.steps, ns.warmup, ns.layers, ns.matmul_n)
+        if rec is not None:
+            print_record(rec)
+            if ns.json:
+                append_json(ns.json, [rec])
+                print(f"record appended to {ns.json}", flush=True)
+    except (ConfigError, UsageError) as e:
+        if _rank() == 0:
+            print(f"bench_train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # CUDA OOM, or the CPU allocator's refusal
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
+            raise
+        print(f"{OOM_MARKER} rank {_rank()}: out of memory: {text.strip().splitlines()[0][:300]}",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_OOM)  # at once: peers blocked in a collective are ended by torchrun
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
