@@ -185,6 +185,13 @@ class DeepSpeedEngine:
 
     def destroy(self) -> None:
         self.ds.destroy()  # removes ZeRO's gradient hooks from the parameters
+        # DeepSpeed's destroy leaves the engine's own forward hooks on the model: they would run at
+        # every later forward and keep this engine (fp32 master, Adam moments) alive with the model.
+        for attr in ("module_forward_pre_hook", "module_forward_post_hook"):
+            handle = getattr(self.ds, attr, None)
+            if handle is not None:
+                handle.remove()
+                setattr(self.ds, attr, None)
 
     def refresh_master(self) -> None:
         opt = self.ds.optimizer
