@@ -288,10 +288,3 @@ def _validate_finetune(cfg: Config) -> None:
         if fp.replay_tokens < longest:
             raise ConfigError(f"finetune.fpf.replay_tokens={fp.replay_tokens} holds no sequence of {longest} tokens: "
                               f"set it to a multiple of {longest} (e.g. {64 * longest})")
-        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
-            raise ConfigError(f"finetune.mode={f.mode} reads and changes whole modules between optimizer steps, "
-                              "which ZeRO-3 shards: use parallel.zero_stage=2 (or 1)")
-    if (f.mode != "full" or len(cfg.stages) > 1) and cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
-        raise ConfigError(f"finetune.mode={f.mode} with {len(cfg.stages)} stage(s): a new trainable set per stage "
-                          "rebuilds the engine, which is untested with ZeRO-3's partitioned parameters: "
-                          "use parallel.zero_stage=2 (or 1)")

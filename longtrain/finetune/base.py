@@ -22,6 +22,7 @@ from torch import nn
 
 from longtrain.config.schema import Config
 from longtrain.parallel.mesh import Mesh
+from longtrain.train.engine import numel
 
 _WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper: not part of a module's name
 
@@ -29,7 +30,8 @@ _WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper: 
 class StageContext(Protocol):
     model: nn.Module  # the plain model (not the engine's wrapper): a forward on it triggers no engine hooks
     mesh: Mesh
-    engine: object  # has refresh_master(): the optimizer's fp32 master copy re-read from the weights
+    engine: object  # has refresh_master(): the optimizer's fp32 master copy re-read from the weights,
+    #                 and release_params(): ZeRO-3's parameters partitioned again after a pass outside it
 
     def sample(self, stage: int, index: int) -> dict:
         """Training sample `index` of stage `stage`."""
@@ -56,8 +58,8 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def trainable_fraction(model: nn.Module) -> float:
     params = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() for p in params)
-    return sum(p.numel() for p in params if p.requires_grad) / max(total, 1)
+    total = sum(numel(p) for p in params)
+    return sum(numel(p) for p in params if p.requires_grad) / max(total, 1)
 
 
 class FinetuneMode:

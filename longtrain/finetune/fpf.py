@@ -12,10 +12,19 @@ on a small replay buffer (replay.py), reservoir-sampled over every stage's train
         drift since the previous snapshot (stage start or previous fine-tune) picks the modules.
 
 The FP fine-tune runs outside the engine: a forward on the plain model, `torch.autograd.grad` for
-the FP parameters only (no gradient reaches `.grad`, so no engine hook fires), gradients summed over
-every rank, a short-lived AdamW. Weights changed outside the engine's optimizer would be overwritten
-by its stale fp32 master copy at its next step, so the engine's master copy is then re-read from the
-weights (`engine.refresh_master()`). The selection is made on rank 0 and broadcast.
+the FP parameters only (no gradient reaches `.grad`, so no gradient hook of the engine fires),
+gradients summed over every rank, a short-lived AdamW. Weights changed outside the engine's
+optimizer would be overwritten by its stale fp32 master copy at its next step, so the engine's
+master copy is then re-read from the weights (`engine.refresh_master()`). The selection is made on
+rank 0 and broadcast.
+
+Under ZeRO-3 the model's parameters are partitions between uses. ZeRO-3's module hooks gather them
+around the fine-tune's forward and backward as in training (`engine.release_params()` then puts back
+those a backward that stops at the FP modules left gathered); the AdamW update runs on the FP
+parameters gathered whole and is written back into every rank's partition, which the master copy
+is refreshed from. Drift reads each module gathered whole, one module at a time: the reference is
+taken at stage start, before the stage's engine exists, so it cannot be in that engine's partition
+layout, and one all-gather of the model per measurement is less than one training step's.
 """
 
 from __future__ import annotations
@@ -31,19 +40,27 @@ from longtrain.finetune.base import FinetuneMode, StageContext, leaf_modules
 from longtrain.finetune.replay import ReplayBuffer
 from longtrain.finetune.stages import resolve_stages
 from longtrain.parallel.mesh import all_reduce_sum
+from longtrain.train.engine import gathered, numel
 
 log = logging.getLogger(__name__)
 
 
+def _flat(mod: nn.Module) -> torch.Tensor:
+    """A module's own parameters, whole, flattened, fp32, on the CPU. Under ZeRO-3 they are gathered
+    one module at a time (collective: every rank calls, in the same module order)."""
+    params = list(mod.parameters(recurse=False))
+    with gathered(params):
+        return torch.cat([p.detach().float().flatten() for p in params]).cpu()
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each module's parameters, flattened, fp32, on the CPU (the reference drift is measured from)."""
-    return {name: torch.cat([p.detach().float().flatten() for p in mod.parameters(recurse=False)]).cpu()
-            for name, mod in leaf_modules(model).items()}
+    return {name: _flat(mod) for name, mod in leaf_modules(model).items()}
 
 
 def module_drift(model: nn.Module, ref: dict[str, torch.Tensor]) -> dict[str, float]:
-    now = snapshot(model)
-    return {name: (now[name] - ref[name]).pow(2).mean().sqrt().item() for name in ref}
+    mods = leaf_modules(model)
+    return {name: (_flat(mods[name]) - ref[name]).pow(2).mean().sqrt().item() for name in ref}
 
 
 def select_modules(drift: dict[str, float], select: str, top_k: int, threshold: float) -> list[str]:
@@ -75,15 +92,19 @@ def replay_finetune(ctx: StageContext, modules: list[str], buffer: ReplayBuffer,
         tot = all_reduce_sum(torch.stack([loss_sum.detach().double(), ntok.double()]), mesh)
         # d(global mean loss) = sum over ranks of d(this rank's loss sum / global tokens), as in training
         grads = torch.autograd.grad(loss_sum / tot[1].clamp(min=1).to(loss_sum.dtype), params)
-        for p, g in zip(params, grads):
-            p.grad = all_reduce_sum(g.contiguous(), mesh)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        ctx.engine.release_params()
+        # ZeRO-3: the FP parameters whole for the update (the same on every rank: same gradients,
+        # same AdamW), written back into each rank's partition on exit, where the next forward reads them
+        with gathered(params, modify=True):
+            for p, g in zip(params, grads):
+                p.grad = all_reduce_sum(g.contiguous(), mesh)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append((tot[0] / tot[1].clamp(min=1)).item())
     for p, f in zip(params, flags):
         p.requires_grad_(f)
     ctx.engine.refresh_master()
-    n = sum(p.numel() for p in params)
+    n = sum(numel(p) for p in params)
     log.info("fpf round %d: %d modules (%d parameters) fine-tuned %d steps on %d replayed sequences: loss %.4f -> %.4f",
              round_id, len(modules), n, fcfg.steps, len(buffer), losses[0], losses[-1])
     return {"fpf_round": round_id, "fpf_modules": modules, "fpf_params": n, "fpf_loss_first": losses[0],

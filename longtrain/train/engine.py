@@ -15,6 +15,12 @@ An engine optimizes the parameters that have `requires_grad` when it is built. A
 the parameters) and a new engine. `refresh_master()` re-reads the optimizer's fp32 master copy from
 the weights after something outside the optimizer changed them (FPF); `optimized_parameters()` lists
 what the optimizer holds state for.
+
+Under ZeRO-3 a parameter is an empty placeholder between uses (its rank's piece lives in
+`p.ds_tensor`). The model stays partitioned from the first engine on: a later engine adopts the
+partitioned parameters as DeepSpeed adopts a model built under `zero.Init`, so a new stage never
+holds the whole model on one rank. Code that reads or writes whole parameters outside a forward
+wraps that in `gathered(params)`; `numel(p)` is a parameter's full size either way.
 """
 
 from __future__ import annotations
@@ -35,12 +41,40 @@ from longtrain.parallel.mesh import Mesh
 log = logging.getLogger(__name__)
 
 
+def numel(p: torch.Tensor) -> int:
+    """The full number of elements, also of a ZeRO-3 parameter (an empty placeholder between uses)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def shape(p: torch.Tensor) -> torch.Size:
+    """The full shape, also of a ZeRO-3 parameter (whose placeholder is 1-D and empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def gathered(params, modify: bool = False):
+    """A context in which `params` hold their full values on every rank. ZeRO-3 parameters are
+    all-gathered (those already whole, ZeRO-3's persistent small ones, are left as they are) and
+    released on exit; with `modify=True` every one of them is gathered, and rank 0's values are
+    written back into every rank's partition on exit (change them identically on every rank, or on
+    rank 0). Ordinary tensors need nothing: a no-op then, and DeepSpeed is not imported."""
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not modify:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        zero = [p for p in zero if p.ds_status == ZeroParamStatus.NOT_AVAILABLE] if zero else []
+    if not zero:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero, modifier_rank=0 if modify else None)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only (not on norms, biases)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+            (no_decay if len(shape(p)) < 2 or "norm" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -84,6 +118,9 @@ class TorchEngine:
 
     def refresh_master(self) -> None:
         pass  # the weights are the optimizer's master copy
+
+    def release_params(self) -> None:
+        pass  # nothing is partitioned
 
     def optimized_parameters(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -179,12 +216,15 @@ class DeepSpeedEngine:
         self.module = self.ds
         self.autocast = nullcontext()  # DeepSpeed's bf16 mode keeps bf16 weights; nothing to autocast
         z = self.ds_config["zero_optimization"]
+        self.zero3 = z["stage"] == 3
         log.info("engine deepspeed: ZeRO-%d over %d ranks, bf16=%s, offload optimizer=%s params=%s",
                  z["stage"], mesh.world_size, self.ds_config["bf16"]["enabled"], "offload_optimizer" in z,
                  "offload_param" in z)
 
     def destroy(self) -> None:
-        self.ds.destroy()  # removes ZeRO's gradient hooks from the parameters
+        # ZeRO-3: the next engine adopts the partitioned model as one built under zero.Init
+        self.release_params()
+        self.ds.destroy()  # removes ZeRO's gradient hooks from the parameters (and ZeRO-3's module hooks)
         # DeepSpeed's destroy leaves the engine's own forward hooks on the model: they would run at
         # every later forward and keep this engine (fp32 master, Adam moments) alive with the model.
         for attr in ("module_forward_pre_hook", "module_forward_post_hook"):
@@ -192,15 +232,35 @@ class DeepSpeedEngine:
             if handle is not None:
                 handle.remove()
                 setattr(self.ds, attr, None)
+        if self.zero3:
+            # The partitions are views into this engine's flat buffer, and every parameter points
+            # back at its optimizer: give each partition its own storage and drop the link, so this
+            # engine's buffers, fp32 master and Adam moments are freed before the next engine is built.
+            for p in self.model.parameters():
+                part = p.ds_tensor.data.clone()
+                p.ds_tensor.data = part.pin_memory() if p.ds_tensor.is_pinned() else part
+                if hasattr(p, "_z3_optimizer"):
+                    del p._z3_optimizer
+
+    def release_params(self) -> None:
+        """ZeRO-3: every parameter back in its partition (the persistent small ones too), after a
+        forward and backward outside the engine (FPF): `torch.autograd.grad` computes only what leads
+        to the parameters it differentiates, so a module whose output gradient was computed (which
+        gathered its weights) but not its input gradient never runs its release hook."""
+        if self.zero3:
+            self.ds.optimizer.parameter_offload.partition_all_parameters()
 
     def refresh_master(self) -> None:
+        """ZeRO-1/2 (and the bf16 optimizer) copy their fp32 master from the weights; ZeRO-3 from its
+        partitions (`p.ds_tensor`), which `gathered(params, modify=True)` writes on exit."""
         opt = self.ds.optimizer
-        if hasattr(opt, "refresh_fp32_params"):  # ZeRO-1/2 and the bf16 optimizer keep an fp32 copy
+        if hasattr(opt, "refresh_fp32_params"):
             opt.refresh_fp32_params()
 
     def optimized_parameters(self) -> list[torch.Tensor]:
         opt = self.ds.optimizer
-        groups = getattr(opt, "bit16_groups", None)  # ZeRO-1/2: the parameters flattened into its partitions
+        # ZeRO-1/2: bit16_groups, the parameters flattened into its partitions; ZeRO-3: fp16_groups
+        groups = getattr(opt, "bit16_groups", None) if not self.zero3 else opt.fp16_groups
         if groups is not None:
             return [p for g in groups for p in g]
         return [p for g in opt.param_groups for p in g["params"]]
@@ -241,13 +301,11 @@ class DeepSpeedEngine:
 
     def full_state_dict(self) -> dict | None:
         """The whole model on rank 0 (ZeRO-3 shards gathered one parameter at a time), None elsewhere."""
-        if self.ds_config["zero_optimization"]["stage"] < 3:
+        if not self.zero3:
             return self.model.state_dict() if self.mesh.is_main else None
-        import deepspeed
-
         out = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            with gathered([p]):
                 if self.mesh.is_main:
                     out[name] = p.detach().to("cpu", copy=True)
         for name, b in self.model.named_buffers():
