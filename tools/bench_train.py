@@ -113,6 +113,9 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     if "WORLD_SIZE" not in os.environ and cfg.launch.nproc > 1:
         _say(f"note: launch.nproc={cfg.launch.nproc} is not used: bench_train.py runs the ranks it is started "
              f"with (torchrun --nproc-per-node {cfg.launch.nproc} tools/bench_train.py ...)")
+    from longtrain.memory.arena import configure_cuda_allocator
+
+    allocator = configure_cuda_allocator(cfg)  # before CUDA starts, as the trainer does
     try:
         mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s,
                          need_group=cfg.parallel.engine == "deepspeed", sp_degree=cfg.parallel.sp.degree)
@@ -188,6 +191,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
                             "swap_*_busy_s are the copy streams' total busy time, hidden or not",
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "git_sha": git_sha(), "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cuda_allocator": allocator,
     }
 
 

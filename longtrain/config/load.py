@@ -199,6 +199,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("memory.activation.keep_last_layers, host_budget_gib, pcie_gbps and layer_fwd_ms must be "
                           f">= 0, got {act.keep_last_layers}, {act.host_budget_gib}, {act.pcie_gbps}, "
                           f"{act.layer_fwd_ms}")
+    _choice("memory.allocator", cfg.memory.allocator, ["expandable", "default"])
     _positive("memory.activation.chunk_tokens", act.chunk_tokens, allow_zero=True)
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)
     _validate_finetune(cfg)

@@ -114,6 +114,7 @@ class PlannerConfig:
 
 @dataclass
 class MemoryConfig:
+    allocator: str = "expandable"  # CUDA caching allocator: expandable (expandable_segments, less fragmentation at long sequence) | default; a PYTORCH_CUDA_ALLOC_CONF in the environment wins
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 

@@ -388,9 +388,14 @@ def run_training(cfg: Config) -> dict:
     User errors found only here (a checkpoint that does not fit) print one line and exit with code 2;
     a collective that times out (a dead or hung peer) says so, names the timeout, and exits with 1.
     """
+    from longtrain.memory.arena import configure_cuda_allocator
+
+    allocator = configure_cuda_allocator(cfg)  # before CUDA starts (NCCL's init allocates)
     mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s,
                      need_group=cfg.parallel.engine == "deepspeed", sp_degree=cfg.parallel.sp.degree)
     setup_logging(mesh.rank)
+    if cfg.train.device == "cuda":
+        log.info("CUDA allocator: %s", allocator)
     torch.manual_seed(cfg.train.seed)
     try:
         trainer = Trainer(cfg, mesh)

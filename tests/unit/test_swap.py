@@ -1,6 +1,8 @@
 """Token-wise activation swapping (memory/swap.py) on CPU: the same code path as on GPU, with host-to-host
 copies. Losses and every parameter gradient equal the run that keeps its activations."""
 
+import os
+
 import pytest
 import torch
 
@@ -136,3 +138,22 @@ def test_host_budget_over_what_the_node_has_is_refused():
     with pytest.raises(SwapPlanError, match=r"host_budget_gib=1e\+06 exceeds this node's available host memory"):
         host_budget(_act(host_budget_gib=1e6), local_ranks=2)
     assert host_budget(_act(), local_ranks=2)[0] > 0
+
+
+# ---- memory.allocator: the CUDA allocator mode set before CUDA starts -------------------------------
+def test_allocator_mode_is_set_unless_the_environment_says(monkeypatch):
+    from longtrain.memory.arena import configure_cuda_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    cfg = load_config("debug", [])
+    assert cfg.memory.allocator == "expandable"  # the default
+    assert configure_cuda_allocator(cfg) == "expandable_segments:True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's setting wins
+    assert "from the environment" in configure_cuda_allocator(cfg)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert configure_cuda_allocator(load_config("debug", ["memory.allocator=default"])) == "caching allocator defaults"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    with pytest.raises(ConfigError, match="memory.allocator"):
+        load_config("debug", ["memory.allocator=planned"])
