@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from longtrain.memory.checkpointing import apply_activation_checkpointing
+from longtrain.memory.checkpointing import apply_activation_checkpointing, apply_tiled_mlp
 from longtrain.memory.swap import apply_activation_swap
 from longtrain.memory.swap_plan import link_alpha, measure_copy_gbps, measure_layer_bytes
 from longtrain.models import model_args
@@ -47,13 +47,16 @@ class Stack(nn.Module):
         return self.model.norm(x)
 
 
-def build(args, n_layers, kernel, device, dtype, policy, alpha=None, keep_last=1, copies=True, chunk=0, plan=None):
+def build(args, n_layers, kernel, device, dtype, policy, alpha=None, keep_last=1, copies=True, chunk=0, plan=None,
+          mlp_chunk=0):
     with torch.device("meta"):
         stack = Stack(args, n_layers, kernel).to(dtype)
     stack.to_empty(device=device)
     for p in stack.parameters():
         nn.init.normal_(p, std=0.02)
     streams = None
+    if mlp_chunk and policy in ("none", "recompute"):
+        apply_tiled_mlp(stack, mlp_chunk)
     if policy == "recompute":
         apply_activation_checkpointing(stack)
     elif policy == "swap":
@@ -121,7 +124,9 @@ def main() -> None:
     ap.add_argument("--max-attempts", type=int, default=3, help="--find-max: attempts per policy after the fit")
     ap.add_argument("--max-start", type=int, default=0, help="--find-max: first attempt (0: the prediction)")
     ap.add_argument("--max-chunk", type=int, default=16384, help="--find-max: swap's recompute chunk (tokens)")
-    ap.add_argument("--max-policies", nargs="*", default=["recompute", "swap"], choices=["recompute", "swap"])
+    ap.add_argument("--max-policies", nargs="*", default=["recompute", "swap"],
+                    choices=["recompute", "recompute-tiled", "swap"])
+    ap.add_argument("--mlp-chunk", type=int, default=0, help="add keep and recompute variants with a tiled MLP")
     ap.add_argument("--host-budget-gib", type=float, default=0.0, help="--find-max: host budget (0: 80%% available)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
@@ -149,18 +154,22 @@ def main() -> None:
     print(f"{a.preset} widths, {a.layers} layers, {a.seq} tokens: S_input {lb.input / 2**30:.2f} GiB, S_attn "
           f"{lb.attention / 2**30:.2f} GiB, S_other {lb.other / 2**30:.2f} GiB per layer; D2H {gbps:.1f} GB/s; "
           f"layer forward {fwd_ms:.0f} ms; cost model alpha {alpha_m:.3f}", flush=True)
-    variants = [("keep", "none", None, 0), ("recompute", "recompute", None, 0),
-                (f"swap(model {alpha_m:.2f})", "swap", alpha_m, 0)]
+    variants = [("keep", "none", None, 0, 0), ("recompute", "recompute", None, 0, 0),
+                (f"swap(model {alpha_m:.2f})", "swap", alpha_m, 0, 0)]
+    if a.mlp_chunk:
+        variants += [(f"keep, tiled MLP {a.mlp_chunk}", "none", None, 0, a.mlp_chunk),
+                     (f"recompute, tiled MLP {a.mlp_chunk}", "recompute", None, 0, a.mlp_chunk)]
     if not a.skip_sweep:
-        variants += [(f"swap({al:g})", "swap", al, 0) for al in a.alphas]
+        variants += [(f"swap({al:g})", "swap", al, 0, 0) for al in a.alphas]
     if a.chunk:
-        variants += [(f"swap(model {alpha_m:.2f}), chunks {a.chunk}", "swap", alpha_m, a.chunk),
-                     (f"swap(0), chunks {a.chunk}", "swap", 0.0, a.chunk)]
+        variants += [(f"swap(model {alpha_m:.2f}), chunks {a.chunk}", "swap", alpha_m, a.chunk, 0),
+                     (f"swap(0), chunks {a.chunk}", "swap", 0.0, a.chunk, 0)]
     rows = []
-    for name, policy, alpha, chunk in ([] if a.no_variants else variants):
-        res = {"variant": name, "policy": policy, "alpha": alpha, "chunk": chunk}
+    for name, policy, alpha, chunk, mlp_chunk in ([] if a.no_variants else variants):
+        res = {"variant": name, "policy": policy, "alpha": alpha, "chunk": chunk, "mlp_chunk": mlp_chunk}
         try:
-            stack, streams = build(args, a.layers, a.kernel, device, dtype, policy, alpha, a.keep_last, chunk=chunk)
+            stack, streams = build(args, a.layers, a.kernel, device, dtype, policy, alpha, a.keep_last, chunk=chunk,
+                                   mlp_chunk=mlp_chunk)
             res.update(run_steps(stack, streams, args, a.seq, device, dtype, a.iters))
             del stack, streams
             if policy == "swap":  # the same compute with the copies off: what the copies cost on top
@@ -200,13 +209,14 @@ def dump(path, result) -> None:
             json.dump(result, f, indent=2, default=str)
 
 
-def peak_attempt(args, a, device, dtype, s, policy, plan=None, partial=True) -> dict:
+def peak_attempt(args, a, device, dtype, s, policy, plan=None, partial=True, mlp_chunk=0) -> dict:
     """Forward of the --max-layers stack at s tokens, then backward of its top layer only (partial) or
     of the whole stack. Every parameter gradient is allocated first (the steady state of training),
     so the peak is reached in the top layer's backward: the layers below hold the most then, and
     the swapped layer below is being prefetched. The run checks this at --seq (partial vs full)."""
     chunk = a.chunk or a.max_chunk
-    stack, streams = build(args, a.max_layers, a.kernel, device, dtype, policy, keep_last=0, chunk=chunk, plan=plan)
+    stack, streams = build(args, a.max_layers, a.kernel, device, dtype, policy, keep_last=0, chunk=chunk, plan=plan,
+                           mlp_chunk=mlp_chunk)
     try:
         for p in stack.parameters():
             p.grad = torch.zeros_like(p)
@@ -258,10 +268,12 @@ def find_max(a, args, device, dtype, gbps, fwd_ms, save) -> dict:
     out = {"layers": a.max_layers, "chunk": a.chunk or a.max_chunk, "host_budget_gib": budget / 2**30,
            "host_budget_source": budget_src, "gpu_total_gib": total / 2**30, "check": [], "attempts": [], "max": {}}
     for name in a.max_policies:
-        policy = "recompute" if name == "recompute" else "plan"
+        policy = "plan" if name == "swap" else "recompute"
+        mlp_chunk = a.max_chunk if name == "recompute-tiled" else 0
         peaks = {}
         for s, partial in ((a.seq // 2, True), (a.seq, True), (a.seq, False)):
-            r = peak_attempt(args, a, device, dtype, s, policy, plan_at(s) if policy == "plan" else None, partial)
+            r = peak_attempt(args, a, device, dtype, s, policy, plan_at(s) if policy == "plan" else None, partial,
+                             mlp_chunk)
             r["policy"] = name
             out["check"].append(r)
             peaks[(s, partial)] = r.get("peak_gib", 0.0)
@@ -285,7 +297,7 @@ def find_max(a, args, device, dtype, gbps, fwd_ms, save) -> dict:
         for _ in range(a.max_attempts):
             plan = plan_at(s) if policy == "plan" else None
             try:
-                r = peak_attempt(args, a, device, dtype, s, policy, plan)
+                r = peak_attempt(args, a, device, dtype, s, policy, plan, mlp_chunk=mlp_chunk)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
                 if not any(m in str(e) for m in ("out of memory", "pinning", "can't allocate")):
                     raise  # not a memory limit: a bug to see, not a data point

@@ -201,6 +201,7 @@ def validate(cfg: Config) -> None:
                           f"{act.layer_fwd_ms}")
     _choice("memory.allocator", cfg.memory.allocator, ["expandable", "default"])
     _positive("memory.activation.chunk_tokens", act.chunk_tokens, allow_zero=True)
+    _positive("memory.activation.mlp_chunk_tokens", act.mlp_chunk_tokens, allow_zero=True)
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)
     _validate_finetune(cfg)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])

@@ -100,6 +100,7 @@ class ActivationConfig:
     alpha: str = "auto"  # swap: share of tokens whose per-token activations go to host (0..1); auto = MEMO's cost model
     host_budget_gib: float = 0.0  # host memory for swapped activations per rank (GiB); 0 = 80% of available / ranks on the node
     chunk_tokens: int = 0  # swap/auto: recompute the (1 - alpha) tokens in chunks of this many tokens (backward holds one chunk's activations); 0 = one chunk
+    mlp_chunk_tokens: int = 0  # tiled MLP on the kept and recomputed layers: the MLP runs in chunks of this many tokens, each recomputed in backward (ALST); 0 = off
     keep_last_layers: int = 2  # swap/auto: the last N layers keep their activations (their backward runs first)
     layers: list[str] = field(default_factory=list)  # per layer, overriding policy: keep | recompute | swap | swap(<alpha>)
     pcie_gbps: float = 0.0  # host<->device bandwidth for the cost model (GB/s); 0 = measure at start

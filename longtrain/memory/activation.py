@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from longtrain.memory.checkpointing import apply_activation_checkpointing
+from longtrain.memory.checkpointing import apply_activation_checkpointing, apply_tiled_mlp
 from longtrain.memory.swap import SwapStreams, apply_activation_swap
 from longtrain.memory.swap_plan import SwapPlan, measure_layer_fwd_ms, plan_for_recipe
 from longtrain.models.llama import rope_cos_sin, rope_inv_freq
@@ -52,12 +52,15 @@ def apply_activation_policy(model: nn.Module, cfg, device: torch.device, sp_size
                             sp_rank: int = 0) -> SwapStreams | None:
     act = cfg.memory.activation
     if act.policy == "none" and not act.layers:
+        _tile(model, act, None)
         return None
     if act.policy == "recompute" and not act.layers:
+        _tile(model, act, None)
         apply_activation_checkpointing(model)
         return None
     plan = build_swap_plan(model, cfg, device, sp_size, sp_rank)
     log.info("%s", plan.table().rstrip())
+    _tile(model, act, [d.index for d in plan.layers if d.policy != "swap"])
     if plan.recompute_layers():
         apply_activation_checkpointing(model, plan.recompute_layers())
     streams = apply_activation_swap(model, plan.swap_alphas(), device, act.chunk_tokens)
@@ -66,3 +69,10 @@ def apply_activation_policy(model: nn.Module, cfg, device: torch.device, sp_size
              plan.host_bytes / 1024**3, len(plan.recompute_layers()), len(plan.layers) - n_swap -
              len(plan.recompute_layers()))
     return streams
+
+
+def _tile(model: nn.Module, act, indices: list[int] | None) -> None:
+    """The tiled MLP on the kept and recomputed layers (a swapped layer chunks its recompute itself:
+    `chunk_tokens`)."""
+    if act.mlp_chunk_tokens > 0 and (indices is None or indices):
+        apply_tiled_mlp(model, act.mlp_chunk_tokens, indices)

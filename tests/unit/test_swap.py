@@ -157,3 +157,43 @@ def test_allocator_mode_is_set_unless_the_environment_says(monkeypatch):
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     with pytest.raises(ConfigError, match="memory.allocator"):
         load_config("debug", ["memory.allocator=planned"])
+
+
+# ---- the tiled MLP (memory.activation.mlp_chunk_tokens) ---------------------------------------------
+@pytest.mark.parametrize("policy", ["none", "recompute"])
+def test_tiled_mlp_matches_the_plain_layer(policy):
+    from longtrain.memory.checkpointing import TiledMLP, apply_activation_checkpointing, apply_tiled_mlp
+
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 259, (2, 40), generator=g)
+    ref = _model()
+    want_loss, want = _loss_and_grads(ref, ids, ids)
+    model = apply_tiled_mlp(_model(), 7)  # 40 tokens: chunks of 7, the last one short
+    if policy == "recompute":
+        apply_activation_checkpointing(model)  # nested: the layer's recompute runs the MLP chunk by chunk
+    assert sum(isinstance(m, TiledMLP) for m in model.modules()) == 2
+    assert list(model.state_dict()) == list(ref.state_dict())
+    loss, grads = _loss_and_grads(model, ids, ids)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=0)
+    for n, gr in grads.items():  # the chunks reorder the sums of the MLP weights' gradients only
+        torch.testing.assert_close(gr, want[n], rtol=1e-11, atol=1e-14, msg=n)
+
+
+def test_tiled_mlp_goes_on_the_layers_that_are_not_swapped():
+    from longtrain.memory.activation import apply_activation_policy
+    from longtrain.memory.checkpointing import TiledMLP
+
+    cfg = load_config("debug", ["memory.activation.layers=[swap(0.5),recompute]", "memory.activation.mlp_chunk_tokens=8",
+                                "memory.activation.layer_fwd_ms=1", "memory.activation.pcie_gbps=10",
+                                "memory.activation.host_budget_gib=1", "model.dtype=float64"])
+    model = _model()
+    apply_activation_policy(model, cfg, torch.device("cpu"))
+    tiled = [i for i, layer in enumerate(model.model.layers) if any(isinstance(m, TiledMLP) for m in layer.modules())]
+    assert tiled == [1]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 259, (1, 33), generator=g)
+    want_loss, want = _loss_and_grads(_model(), ids, ids)
+    loss, grads = _loss_and_grads(model, ids, ids)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=0)
+    for n, gr in grads.items():
+        torch.testing.assert_close(gr, want[n], rtol=1e-11, atol=1e-14, msg=n)
