@@ -60,6 +60,11 @@ def apply_activation_policy(model: nn.Module, cfg, device: torch.device, sp_size
         return None
     plan = build_swap_plan(model, cfg, device, sp_size, sp_rank)
     log.info("%s", plan.table().rstrip())
+    if act.policy == "auto" and not act.layers and not plan.swap_alphas() and plan.recompute_layers():
+        log.warning("memory.activation.policy=auto: the host budget (%.1f GiB) holds no layer (%.2f GiB each at "
+                    "alpha 0): every layer but the kept ones recomputes; raise memory.activation.host_budget_gib "
+                    "or free host memory to swap", plan.host_budget_bytes / 1024**3,
+                    plan.layer_bytes.at(0.0) / 1024**3)
     _tile(model, act, [d.index for d in plan.layers if d.policy != "swap"])
     if plan.recompute_layers():
         apply_activation_checkpointing(model, plan.recompute_layers())

@@ -155,11 +155,6 @@ def decide(n_layers: int, act, layer_bytes: LayerBytes, pcie_gbps: float, layer_
                 f"{n_fit} of the {len(swappable)} layers to swap ({base / GiB:.2f} GiB each, at alpha 0): raise "
                 f"memory.activation.host_budget_gib to {len(swappable) * base / GiB:.1f} or more, use "
                 f"memory.activation.policy=auto (recomputes the layers that do not fit), or shorten data.seq_len")
-        if n_fit == 0 and swappable:
-            raise SwapPlanError(
-                f"host budget {host_budget_bytes / GiB:.1f} GiB is too small to swap even one layer "
-                f"({base / GiB:.2f} GiB at alpha 0): raise memory.activation.host_budget_gib or use "
-                f"memory.activation.policy=recompute")
         # The layers that do not fit are the lowest ones: a recomputed layer's backward holds the whole
         # layer's activations at once, and at the bottom it runs when nothing above is stored any more.
         swap_set = set(swappable[len(swappable) - n_fit:])

@@ -107,8 +107,10 @@ def test_auto_recomputes_the_layers_the_budget_cannot_hold_and_swap_refuses():
     assert plan.swap_alphas() == {2: 0.05, 3: 0.05}  # (700 / 2 - 300) / 1000
     with pytest.raises(SwapPlanError, match=r"holds the layer input and attention output of 2 of the 4 layers"):
         _decide(_act(policy="swap"), budget=700)
-    with pytest.raises(SwapPlanError, match="too small to swap even one layer"):
-        _decide(_act(), budget=299)
+    plan = _decide(_act(), budget=299)  # not even one layer at alpha 0: auto recomputes them all
+    assert [d.policy for d in plan.layers] == ["recompute"] * 4 + ["keep", "keep"]
+    with pytest.raises(SwapPlanError, match=r"holds the layer input and attention output of 0 of the 4 layers"):
+        _decide(_act(policy="swap"), budget=299)
 
 
 def test_fixed_alpha_and_per_layer_overrides():
