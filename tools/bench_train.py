@@ -1,6 +1,7 @@
 """Throughput, MFU and memory of a recipe: K timed optimizer steps of the real trainer.
 
     python tools/bench_train.py RECIPE [key=value ...] [--steps 10] [--warmup 3] [--layers N] [--json PATH]
+                                [--profile-step | --no-profile-step] [--trace-dir DIR]
     torchrun --nproc-per-node 8 tools/bench_train.py RECIPE [...]     # several ranks: rank 0 prints and writes
     python tools/bench_train.py RECIPE [...] --find-max-seq --seq-start 32768 --seq-step 8192 [--nproc 8]
 
@@ -12,11 +13,17 @@ timed ones):
     matmul measured on this device before training (8192^3 by default: what a GPU can actually do);
   - peak GPU memory allocated and reserved, host buffers of the activation swap pool (pinned) and the
     process's peak RSS: maxima over ranks, including the warm-up steps;
-  - the step time and, with activation swapping on CUDA, the copy streams' busy time per step.
-    Not measured: the compute share of the step, and how much communication or copy time is exposed
-    rather than hidden behind compute (the trainer has no hooks for it; bench_memory.py measures the
-    exposed copy time of a layer stack). The output and the JSON name these instead of guessing them.
-On CPU (`debug`, `quickstart`) it runs as a smoke test: no MFU basis exists there, and it says so.
+  - the step time and, with activation swapping on CUDA, the copy streams' busy time per step;
+  - the time split of one more step, profiled after the timed ones (--profile-step, on by default on
+    CUDA; the profiler's overhead keeps it out of the median): the GPU timeline of each rank from
+    torch.profiler, split into compute (every kernel but NCCL's, device-local copies and memsets),
+    communication (NCCL kernels, peer-to-peer copies) and host<->device copies, then measured over
+    the step's wall interval: compute_s (union of compute), exposed_comm_s (communication not under
+    compute), exposed_copy_s (copies under neither), idle_s (the GPU doing none of these: host
+    overhead, launch gaps, waits), and comm_s / copy_s in all, hidden or not. Maxima over ranks, and
+    each rank's split in the JSON. --trace-dir keeps each rank's chrome trace of that step.
+On CPU (`debug`, `quickstart`) it runs as a smoke test: no MFU basis exists there, and no GPU timeline
+to split (--profile-step still profiles a step there, with the CPU activity only); it says so.
 
 --layers N keeps the width and trains N decoder layers (model.num_hidden_layers=N); the output and
 the JSON say the model is depth-truncated. --json appends one record per run to a JSON list, which
@@ -90,9 +97,137 @@ def matmul_tflops(device, n: int, iters: int = 20) -> float:
     return 2.0 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+# ---- the time split of a profiled step -------------------------------------------------------
+STEP_ANNOTATION = "bench_train::profiled_step"  # record_function around the profiled step: its wall interval
+SPLIT_KEYS = ("compute_s", "exposed_comm_s", "exposed_copy_s", "idle_s", "comm_s", "copy_s")
+Interval = tuple[float, float]
+
+
+def _union(intervals: list[Interval]) -> list[Interval]:
+    """Sorted, disjoint intervals covering the same points (empty ones dropped)."""
+    out: list[list[float]] = []
+    for s, e in sorted(iv for iv in intervals if iv[1] > iv[0]):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def _length(intervals: list[Interval]) -> float:
+    return sum(e - s for s, e in _union(intervals))
+
+
+def split_intervals(step: Interval, compute: list[Interval], comm: list[Interval],
+                    copy: list[Interval]) -> dict[str, float]:
+    """Where the time of `step` (start, end) went, from the busy intervals of each class of GPU work
+    (any order, overlapping or nested, clipped to the step). Compute has priority, then
+    communication, then copies: exposed_comm_s is communication under no compute, exposed_copy_s
+    copies under neither, idle_s the step under none of them, so compute_s + exposed_comm_s +
+    exposed_copy_s + idle_s = step_s. comm_s and copy_s are the unions of their own class, hidden
+    or not. Same unit as the input."""
+    lo, hi = step
+
+    def clip(intervals: list[Interval]) -> list[Interval]:
+        return _union([(max(s, lo), min(e, hi)) for s, e in intervals])
+
+    compute, comm, copy = clip(compute), clip(comm), clip(copy)
+    busy_compute, busy_comm = _length(compute), _length(compute + comm)
+    busy = _length(compute + comm + copy)
+    return {"step_s": hi - lo, "compute_s": busy_compute,
+            "exposed_comm_s": max(0.0, busy_comm - busy_compute),  # max: float rounding, never below 0
+            "exposed_copy_s": max(0.0, busy - busy_comm), "idle_s": max(0.0, (hi - lo) - busy),
+            "comm_s": _length(comm), "copy_s": _length(copy)}
+
+
+def device_activity_class(event: dict) -> str | None:
+    """compute | comm | copy for a GPU activity of a chrome trace exported by torch.profiler (kineto),
+    None for anything else (CPU ops, runtime calls, the GPU side of record_function ranges, syncs).
+    Kineto names the kind of activity in `cat`: kernel, gpu_memcpy, gpu_memset. NCCL's kernels
+    (collectives and send/recv) are communication, as are peer-to-peer copies between GPUs; copies
+    that have the host at one end are copies; device-local copies and memsets use the GPU's own
+    memory bandwidth like any kernel, so they count as compute."""
+    cat, name = str(event.get("cat", "")).lower(), str(event.get("name", ""))
+    if cat == "kernel":
+        return "comm" if name.removeprefix("void ").startswith("nccl") else "compute"
+    if cat == "gpu_memcpy":  # "Memcpy HtoD (Pinned -> Device)", "Memcpy DtoD (Device -> Device)", ...
+        kind = next((w for w in name.split() if len(w) == 4 and w[1:3] == "to"), "")  # HtoD, DtoH, DtoD, PtoP, ...
+        if kind == "PtoP":
+            return "comm"
+        return "copy" if "H" in kind else "compute"  # HtoD, DtoH, HtoH (and the CUDA-array kinds HtoA, AtoH)
+    if cat == "gpu_memset":
+        return "compute"
+    return None
+
+
+def split_from_trace(trace: dict) -> dict:
+    """The time split of the profiled step from one rank's chrome trace (torch.profiler's
+    export_chrome_trace): its wall interval is the STEP_ANNOTATION range on the host, its GPU work
+    the complete ("X") device activities, in microseconds as the trace keeps them. Returns
+    {"profiled_step_s", "events": counts per class, "split": split_intervals' dict in seconds, or
+    None with "why"}."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    steps = [e for e in events if e.get("cat") == "user_annotation" and e.get("name") == STEP_ANNOTATION]
+    if len(steps) != 1:
+        return {"profiled_step_s": None, "events": {}, "split": None,
+                "why": f"the trace holds {len(steps)} '{STEP_ANNOTATION}' ranges, not one"}
+    t0 = float(steps[0]["ts"])  # times relative to the step's start: the absolute ones are ~1e12 us
+    step = (0.0, float(steps[0]["dur"]) / 1e6)
+    classes: dict[str, list[Interval]] = {"compute": [], "comm": [], "copy": []}
+    for e in events:
+        c = device_activity_class(e)
+        if c is not None:
+            s = (float(e["ts"]) - t0) / 1e6
+            classes[c].append((s, s + float(e["dur"]) / 1e6))
+    counts = {c: len(v) for c, v in classes.items()}
+    out = {"profiled_step_s": step[1], "events": counts, "split": None, "why": None}
+    if not any(counts.values()):
+        out["why"] = "the profiler recorded no GPU activity in the step"
+    else:
+        out["split"] = split_intervals(step, classes["compute"], classes["comm"], classes["copy"])
+    return out
+
+
+def profile_step(trainer, cuda: bool, rank: int, trace_dir: str | None) -> dict:
+    """One more training step under torch.profiler (CPU and, on CUDA, GPU activities); its split
+    (split_from_trace). The step is not one of the timed ones: the profiler slows the host."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        with record_function(STEP_ANNOTATION):
+            rec = trainer.train_step()
+    with tempfile.TemporaryDirectory(prefix="bench_train_trace_") as tmp:
+        path = Path(trace_dir or tmp) / f"profiled_step_rank{rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        out = split_from_trace(json.loads(path.read_text()))
+    out.update(rank=rank, step=rec["step"], step_time_s=rec["step_time_s"])
+    if not cuda:  # the CPU activity alone: the step's interval is known, there is no GPU timeline
+        out.update(split=None, why="CPU: the profiler sees no GPU timeline to split")
+    return out
+
+
+def combine_splits(ranks: list[dict]) -> tuple[dict, str | None]:
+    """The time_split fields from every rank's profile_step result: each field's maximum over ranks
+    and the ranks' own splits; with the reason when any rank has no split."""
+    missing = [r for r in ranks if r["split"] is None]
+    out = {"profiled_step": ranks[0]["step"],
+           "profiled_step_s": max((r["profiled_step_s"] for r in ranks if r["profiled_step_s"] is not None),
+                                  default=None),
+           "per_rank": [{"rank": r["rank"], "profiled_step_s": r["profiled_step_s"], "events": r["events"],
+                         **{k: r["split"][k] for k in SPLIT_KEYS if r["split"]}} for r in ranks]}
+    if missing:
+        whys = sorted({r["why"] for r in missing})
+        return out, "; ".join(whys) + f" (rank(s) {', '.join(str(r['rank']) for r in missing)})"
+    out.update({k: max(r["split"][k] for r in ranks) for k in SPLIT_KEYS})
+    return out, None
+
+
 def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers: int | None,
-              matmul_n: int) -> dict | None:
-    """Every rank trains warmup + steps steps; rank 0 returns the record (the others None)."""
+              matmul_n: int, profiled: bool | None = None, trace_dir: str | None = None) -> dict | None:
+    """Every rank trains warmup + steps steps, and one more under the profiler when `profiled` (None:
+    on CUDA only); rank 0 returns the record (the others None)."""
     import torch
     import torch.distributed as dist
 
@@ -134,6 +269,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     trainer.begin_stage(0)
     streams = trainer.model.swap_streams
     time_copies = cuda and streams is not None
+    profiled = cuda if profiled is None else profiled
     recs, copies = [], []
     for i in range(warmup + steps):
         timed = i >= warmup
@@ -147,10 +283,21 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
                 d2h_s, h2d_s = streams.copy_time_s()
                 copies.append({"d2h_s": d2h_s, "h2d_s": h2d_s, "d2h_bytes": streams.stats.d2h_bytes,
                                "h2d_bytes": streams.stats.h2d_bytes})
+    # read before the profiled step: the profiler's own host memory is not the recipe's
     mem = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) / 2**30 if cuda else -1.0,
                         torch.cuda.max_memory_reserved(mesh.device) / 2**30 if cuda else -1.0,
                         streams.stats.host_bytes_pinned / 2**30 if streams is not None else 0.0,
                         host_peak_rss_gib()], dtype=torch.float64, device=mesh.device)
+    prof = None
+    if profiled:  # beyond train.steps: the LR schedule stays at its end (lr_lambda clamps), as for any step
+        if time_copies:
+            streams.reset_stats()
+            streams.timing = False
+        prof = [profile_step(trainer, cuda, mesh.rank, trace_dir)]
+        if mesh.distributed:
+            gathered = [None] * mesh.world_size
+            dist.all_gather_object(gathered, prof[0])
+            prof = gathered
     if mesh.distributed:
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
     trainer.engine.destroy()
@@ -165,6 +312,12 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     if copies:  # busy time of the copy streams per step: copies overlapped with compute count as well
         split.update({f"swap_{k}_busy_s": statistics.median(c[f"{k}_s"] for c in copies) for k in ("d2h", "h2d")})
         split.update({f"swap_{k}_bytes": copies[0][f"{k}_bytes"] for k in ("d2h", "h2d")})
+    if prof is None:
+        why = ("CPU: no GPU timeline to split" if not cuda else "no step profiled") + " (--profile-step profiles one)"
+    else:
+        measured, why = combine_splits(prof)
+        split.update(measured)
+    split["profiled"] = prof is not None
     tflops = mid["tflops_per_device"]
     return {
         "kind": "bench", "recipe": recipe, "overrides": list(overrides), "seq_len": trainer.stages[0].data.seq_len,
@@ -186,9 +339,8 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         "peak_mem_reserved_gib": mem[1].item() if cuda else None,
         "swap_host_gib": mem[2].item(), "host_peak_rss_gib": mem[3].item(),
         "time_split": split,
-        "not_measured": ["compute_s", "exposed_comm_s", "exposed_copy_s"],
-        "not_measured_why": "the trainer has no hooks that separate compute from exposed communication and copies; "
-                            "swap_*_busy_s are the copy streams' total busy time, hidden or not",
+        "not_measured": [k for k in SPLIT_KEYS if k not in split],
+        "not_measured_why": why,
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "git_sha": git_sha(), "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cuda_allocator": allocator,
@@ -197,6 +349,30 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
 
 def _gib(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f} GiB"
+
+
+def _split_lines(r: dict) -> list[str]:
+    """The profiled step's split, as lines of the table: its maxima over ranks, then each rank's when
+    there are several (the maxima may come from different ranks)."""
+    split, pad = r["time_split"], " " * 22
+    if not split.get("profiled"):
+        return []
+    head = (f"{pad}profiled step {split['profiled_step']}: one more step after the timed ones, not in the median; "
+            + (f"{1e3 * split['profiled_step_s']:.1f} ms under the profiler" if split["profiled_step_s"] is not None
+               else "no step interval in its trace"))
+    if "compute_s" not in split:
+        return [head]
+
+    def line(x: dict) -> str:
+        pct = (lambda k: f"{1e3 * x[k]:.1f} ms ({100 * x[k] / x['profiled_step_s']:.0f}%)")
+        return (f"compute {pct('compute_s')}, exposed comm {pct('exposed_comm_s')}, exposed copies "
+                f"{pct('exposed_copy_s')}, idle {pct('idle_s')}; comm {1e3 * x['comm_s']:.1f} ms and copies "
+                f"{1e3 * x['copy_s']:.1f} ms in all (hidden or not)")
+
+    out = [head, f"{pad}" + ("max over ranks: " if len(split["per_rank"]) > 1 else "") + line(split)]
+    if len(split["per_rank"]) > 1:
+        out += [f"{pad}  rank {x['rank']}: " + line(x) for x in split["per_rank"]]
+    return out
 
 
 def print_record(r: dict) -> None:
@@ -208,7 +384,9 @@ def print_record(r: dict) -> None:
              f"{r['matmul_n']}^3 measured here)" if r["mfu_measured"] is not None else f"n/a ({r['mfu_note']})")
     split = r["time_split"]
     copies = (f"; swap copy streams busy {1e3 * split['swap_d2h_busy_s']:.1f} ms D2H, "
-              f"{1e3 * split['swap_h2d_busy_s']:.1f} ms H2D" if "swap_d2h_busy_s" in split else "")
+              f"{1e3 * split['swap_h2d_busy_s']:.1f} ms H2D (hidden or not)" if "swap_d2h_busy_s" in split else "")
+    missing = (f"; not measured: {', '.join(r['not_measured'])} ({r['not_measured_why']})" if r["not_measured"]
+               else "")
     print("\n".join([
         f"{r['recipe']}: seq_len {r['seq_len']}, {r['sequences_per_step']} sequence(s) per step, {depth}, "
         f"{r['world_size']} rank(s) (dp {r['dp']} x sp {r['sp']}) on {r['device_name']}, "
@@ -221,8 +399,8 @@ def print_record(r: dict) -> None:
         f"  peak GPU memory     allocated {_gib(r['peak_mem_allocated_gib'])}, "
         f"reserved {_gib(r['peak_mem_reserved_gib'])}",
         f"  host memory         swap pool {_gib(r['swap_host_gib'])}, peak RSS {_gib(r['host_peak_rss_gib'])}",
-        f"  time split          step {1e3 * split['step_s']:.1f} ms{copies}; not measured: "
-        + ", ".join(r["not_measured"]) + f" ({r['not_measured_why']})",
+        f"  time split          step {1e3 * split['step_s']:.1f} ms (median){copies}{missing}",
+        *_split_lines(r),
         f"  loss                {r['loss_first']:.4f} -> {r['loss_last']:.4f}",
     ]), flush=True)
 
@@ -316,6 +494,8 @@ def child_runner(ns, nproc: int, workdir: Path) -> Callable[[int], Attempt]:
         args = [ns.recipe, *ns.overrides, f"data.seq_len={seq}", "--steps", str(ns.steps), "--warmup", str(ns.warmup),
                 "--matmul-n", str(ns.matmul_n), "--json", str(out)]
         args += ["--layers", str(ns.layers)] if ns.layers else []
+        if ns.profile_step is not None:  # the attempts' traces are not kept: one directory would hold them all
+            args.append("--profile-step" if ns.profile_step else "--no-profile-step")
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                         f"--nproc-per-node={nproc}"]
         try:
@@ -405,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only N decoder layers of the same width (depth-truncated; default: all)")
     p.add_argument("--json", default=None, help="append the record(s) to this JSON list (default: none)")
     p.add_argument("--matmul-n", type=int, default=8192, help="size of the measured bf16 matmul (default 8192)")
+    p.add_argument("--profile-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile one more step after the timed ones and split its time into compute, exposed "
+                        "communication, exposed copies and idle (default: on CUDA yes, on CPU no: no GPU timeline)")
+    p.add_argument("--trace-dir", default=None,
+                   help="keep each rank's chrome trace of the profiled step here (default: not kept)")
     p.add_argument("--find-max-seq", action="store_true", help="search the longest data.seq_len that trains")
     p.add_argument("--seq-start", type=int, default=4096, help="first length tried (default 4096)")
     p.add_argument("--seq-step", type=int, default=1024, help="granularity of the bisection (default 1024)")
@@ -423,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_train: error: need --steps >= 1 (got {ns.steps}), --warmup >= 0 (got {ns.warmup}) and "
               f"--layers >= 1 (got {ns.layers})", file=sys.stderr)
         return EXIT_USAGE
+    if ns.trace_dir and (ns.profile_step is False or ns.find_max_seq):
+        print("bench_train: error: --trace-dir keeps the trace of the profiled step: it needs a profiled step "
+              "(not --no-profile-step) and a single run (not --find-max-seq)", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.trace_dir:
+        ns.profile_step = True
     import torch
 
     from longtrain.config import ConfigError
@@ -432,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
             read_json_list(ns.json)
         if ns.find_max_seq:
             return find_max_seq(ns)
-        rec = run_bench(ns.recipe, ns.overrides, ns.steps, ns.warmup, ns.layers, ns.matmul_n)
+        rec = run_bench(ns.recipe, ns.overrides, ns.steps, ns.warmup, ns.layers, ns.matmul_n, ns.profile_step,
+                        ns.trace_dir)
         if rec is not None:
             print_record(rec)
             if ns.json:
