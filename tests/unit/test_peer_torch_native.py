@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("transformers")
+# not imported here: the spawned ranks of the sharding test import this module and need no transformers
+needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "peers" / "torch_native.py"
@@ -68,6 +69,7 @@ def test_flops_equal_bench_trains_for_the_same_shape(preset, layers, n_seqs, seq
 
 
 @pytest.mark.parametrize("preset,layers", [("llama3-8b", 4), ("llama3-8b", None), ("debug", None)])
+@needs_hf
 def test_the_hf_model_has_the_presets_shape(preset, layers):
     """Counted on the real HF module (on the meta device: no memory): the matmul weights the FLOP formula
     assumes, the heads, and RoPE's inverse frequencies (Llama-3 scaling) equal longtrain's."""
@@ -99,6 +101,7 @@ def _debug_model():
     return tn.TiledLossLM(LlamaForCausalLM(tn.hf_config(tn.model_shape("debug", None))), chunk_tokens=5).eval()
 
 
+@needs_hf
 def test_hf_calls_sdpa_unmasked_and_causal_with_head_tail_positions():
     """A cp rank's position ids are two separate runs (here rank 0 of cp 2: chunks 0 and 3 of 4). With the
     all-ones mask HF still calls SDPA with attn_mask=None, is_causal=True, and the loss is that of HF's own
@@ -120,6 +123,7 @@ def test_hf_calls_sdpa_unmasked_and_causal_with_head_tail_positions():
         model.hf.model(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False)
 
 
+@needs_hf
 def test_repeat_kv_gives_the_same_attention():
     model, ids = _debug_model(), torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(2))
     pos, labels = torch.arange(16)[None], ids.roll(-1, 1)
@@ -203,6 +207,7 @@ def test_find_max_seq_attempts_carry_the_runs_settings(tmp_path):
 
 
 @pytest.mark.slow
+@needs_hf
 def test_two_ranks_fsdp_run_writes_a_complete_record(tmp_path):
     out = tmp_path / "p.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
