@@ -186,6 +186,7 @@ def test_context_parallel_shards_ids_labels_and_positions_together():
     (["--steps", "0"], "need --steps >= 1 (got 0)"),
     (["--loss-chunk", "0"], "--loss-chunk 0 must be >= 1"),
     (["--preset", "llama9"], "is not a longtrain preset"),
+    (["--no-profile-step", "--trace-dir", "t"], "--trace-dir keeps the trace of the profiled step"),
 ])
 def test_bad_flags_are_refused_before_any_training(capsys, argv, message):
     if torch.cuda.is_available() and "CUDA" in message:
@@ -204,6 +205,9 @@ def test_find_max_seq_attempts_carry_the_runs_settings(tmp_path):
         assert getattr(again, dest) == getattr(ns, dest), flag
     assert (again.seq_len, again.verify_cp, again.find_max_seq, again.json) == (4096, False, False,
                                                                                 str(tmp_path / "x.json"))
+    assert again.profile_step is None  # unset: each attempt takes the default (profiled on CUDA)
+    ns.profile_step = False
+    assert tn.build_parser().parse_args(tn.attempt_argv(ns, 4096, tmp_path / "x.json")).profile_step is False
 
 
 @pytest.mark.slow
@@ -213,7 +217,7 @@ def test_two_ranks_fsdp_run_writes_a_complete_record(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(TOOL),
                         "--preset", "debug", "--seq-len", "128", "--steps", "2", "--warmup", "0", "--loss-chunk", "48",
-                        "--json", str(out)], capture_output=True, text=True, timeout=240, env=env)
+                        "--profile-step", "--json", str(out)], capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("record appended") == 1  # rank 0 alone reports
     (rec,) = json.loads(out.read_text())
@@ -235,6 +239,11 @@ def test_two_ranks_fsdp_run_writes_a_complete_record(tmp_path):
     assert rec["tflops_per_device"] == pytest.approx(rec["flops_per_step"] / 2 / rec["step_time_s"] / 1e12, rel=1e-9)
     for k in ("mfu", "mfu_measured", "matmul_tflops", "peak_tflops", "peak_mem_allocated_gib", "peak_mem_reserved_gib"):
         assert rec[k] is None, k
-    assert rec["host_peak_rss_gib"] > 0.05 and set(rec["not_measured"]) == {"compute_s", "exposed_comm_s",
-                                                                            "exposed_copy_s"}
+    # bench_train's profiled step, one more on every rank (gathered on rank 0); on CPU no GPU timeline to split
+    split = rec["time_split"]
+    assert split["profiled"] is True and split["profiled_step"] == 3 and split["step_s"] == rec["step_time_s"]
+    assert [x["rank"] for x in split["per_rank"]] == [0, 1] and all(x["profiled_step_s"] > 0 for x in split["per_rank"])
+    assert rec["not_measured"] == list(tn.bt.SPLIT_KEYS) and "CPU" in rec["not_measured_why"]
+    assert "profiled step 3: one more step after the timed ones" in r.stdout
+    assert rec["host_peak_rss_gib"] > 0.05
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", rec["git_sha"]) and rec["torch_version"] == torch.__version__

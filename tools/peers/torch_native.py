@@ -54,7 +54,9 @@ FLOPs, MFU and memory are counted exactly as longtrain's bench counts them (long
 for the same shape and seq_len: 6 x matmul parameters per token plus causal attention; recomputation not
 counted; MFU against 989 TFLOP/s and against a bf16 matmul measured here by tools/bench_train.py's own code).
 The JSON record uses tools/bench_train.py's field names where the meaning is the same (plus "peer", "cp",
-"config" and "checks"), and --find-max-seq uses its search driver, OOM marker and exit codes.
+"config" and "checks"); its profiled step (one more step under torch.profiler, split into compute / exposed
+communication / exposed copies / idle; on by default on CUDA), its --find-max-seq search driver, OOM marker and
+exit codes are bench_train's own code.
 On CPU (gloo, no CUDA) it runs for plumbing tests: FSDP2 over the ranks, --cp 1 only (context parallel needs
 CUDA SDPA kernels), no MFU basis.
 """
@@ -70,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -405,7 +408,7 @@ class Peer:
                                "their global positions (position ids, input ids or labels sharded differently)")
         n_seqs = self.dp
         flops_dev = peer_flops(self.args, n_seqs, seq_len) / self.world / dt
-        return {"step": step, "loss": loss / total_tokens, "grad_norm": grad_norm, "step_time_s": dt,
+        return {"step": step + 1, "loss": loss / total_tokens, "grad_norm": grad_norm, "step_time_s": dt,
                 "tokens_per_s": n_seqs * seq_len / dt, "tflops_per_device": flops_dev / 1e12,
                 "sdpa_calls": self.guard.calls - calls0}
 
@@ -484,9 +487,19 @@ def run_peer(ns) -> dict | None:
             recs.append(rec)
         _say(f"  step {i + 1}/{ns.warmup + ns.steps}{' (warm-up)' if i < ns.warmup else ''}: loss {rec['loss']:.4f}, "
              f"{rec['step_time_s']:.3f} s, {rec['tokens_per_s']:,.0f} tokens/s")
+    # read before the profiled step: the profiler's own host memory is not the peer's
     mem = torch.tensor([torch.cuda.max_memory_allocated(peer.device) / 2**30 if cuda else -1.0,
                         torch.cuda.max_memory_reserved(peer.device) / 2**30 if cuda else -1.0,
                         host_peak_rss_gib()], dtype=torch.float64, device=peer.device)
+    prof = None
+    if (cuda if ns.profile_step is None else ns.profile_step):  # bench_train's profiled step, on the peer's step
+        n = ns.warmup + ns.steps
+        stepper = types.SimpleNamespace(train_step=lambda: peer.train_step(ns.seq_len, n))
+        prof = [bt.profile_step(stepper, cuda, peer.rank, ns.trace_dir)]
+        if peer.world > 1:
+            gathered = [None] * peer.world
+            dist.all_gather_object(gathered, prof[0])
+            prof = gathered
     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
     calls = sorted({r["sdpa_calls"] for r in recs})
     gqa_seen = sorted(peer.guard.gqa_seen)
@@ -499,6 +512,13 @@ def run_peer(ns) -> dict | None:
     from longtrain.train.trainer import git_sha
 
     mid = sorted(recs, key=lambda r: r["step_time_s"])[len(recs) // 2]  # the step of median time
+    split = {"step_s": mid["step_time_s"]}
+    if prof is None:
+        why = ("CPU: no GPU timeline to split" if not cuda else "no step profiled") + " (--profile-step profiles one)"
+    else:
+        measured, why = bt.combine_splits(prof)
+        split.update(measured)
+    split["profiled"] = prof is not None
     tflops = mid["tflops_per_device"]
     peak = ns.peak_tflops if cuda else None
     rotate = ns.rotate_method if peer.cp > 1 else None
@@ -522,10 +542,9 @@ def run_peer(ns) -> dict | None:
         "peak_mem_allocated_gib": mem[0].item() if cuda else None,
         "peak_mem_reserved_gib": mem[1].item() if cuda else None,
         "swap_host_gib": 0.0, "host_peak_rss_gib": mem[2].item(),
-        "time_split": {"step_s": mid["step_time_s"]},
-        "not_measured": ["compute_s", "exposed_comm_s", "exposed_copy_s"],
-        "not_measured_why": "no hooks separate compute from the FSDP all-gathers / reduce-scatters and the "
-                            "context-parallel KV exchange that are not hidden behind it",
+        "time_split": split,
+        "not_measured": [k for k in bt.SPLIT_KEYS if k not in split],
+        "not_measured_why": why,
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "grad_norm_last": recs[-1]["grad_norm"],
         "config": {
@@ -582,6 +601,8 @@ def attempt_argv(ns, seq: int, out: Path) -> list[str]:
     argv = [f for flag, dest in FORWARDED if getattr(ns, dest) is not None for f in (flag, str(getattr(ns, dest)))]
     argv += [] if ns.verify_cp else ["--no-verify-cp"]
     argv += [] if ns.expandable_segments else ["--no-expandable-segments"]
+    if ns.profile_step is not None:  # the attempts' traces are not kept: one directory would hold them all
+        argv.append("--profile-step" if ns.profile_step else "--no-profile-step")
     return argv + ["--seq-len", str(seq), "--json", str(out)]
 
 
@@ -672,6 +693,11 @@ def check_flags(ns) -> None:
                             f"(got {ns.layers})")
     if ns.loss_chunk < 1:
         raise bt.UsageError(f"--loss-chunk {ns.loss_chunk} must be >= 1 token")
+    if ns.trace_dir and (ns.profile_step is False or ns.find_max_seq):
+        raise bt.UsageError("--trace-dir keeps the trace of the profiled step: it needs a profiled step (not "
+                            "--no-profile-step) and a single run (not --find-max-seq)")
+    if ns.trace_dir:
+        ns.profile_step = True
     model_shape(ns.preset, ns.layers)
     if not torch.cuda.is_available() and ns.sdpa_backend != "auto":
         raise bt.UsageError(f"--sdpa-backend {ns.sdpa_backend} is a CUDA kernel: on CPU leave it at auto "
@@ -715,6 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the CUDA caching allocator's defaults (default: expandable_segments:True, as "
                         "longtrain; an explicit PYTORCH_CUDA_ALLOC_CONF always wins)")
     p.add_argument("--json", default=None, help="append the record(s) to this JSON list (default: none)")
+    p.add_argument("--profile-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="profile one more step after the timed ones and split its time into compute, exposed "
+                        "communication, exposed copies and idle, as tools/bench_train.py does (default: on CUDA yes, "
+                        "on CPU no: no GPU timeline)")
+    p.add_argument("--trace-dir", default=None,
+                   help="keep each rank's chrome trace of the profiled step here (default: not kept)")
     p.add_argument("--matmul-n", type=int, default=8192, help="size of the measured bf16 matmul (default 8192)")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
                    help=f"per-GPU peak for MFU (default {d.peak_tflops:g}: H100/H200 dense bf16)")
