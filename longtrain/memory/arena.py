@@ -28,20 +28,31 @@ def apply_memory_plan(model: nn.Module, cfg, device: torch.device) -> nn.Module:
 
 
 def configure_cuda_allocator(cfg) -> str:
-    """Set the CUDA caching allocator's mode (`memory.allocator`) before CUDA starts; returns what applies.
+    """Set the CUDA caching allocator's mode (`memory.allocator`); returns what applies. Called first
+    by every entry point (preflight, the trainer, the benchmarks); calling it again changes nothing.
 
     `expandable` maps and grows segments instead of carving fixed ones, so freed memory of one size can
     serve a larger request later. Measured on one H200 (docs/memory-swap.md): the longest sequence of a
     3-layer Llama-3-8B stack went from 393K to 459K tokens with full recompute and from 852K to 918K with
     swapping; the caching allocator failed 28-30 GiB requests with that much memory free in pieces."""
+    global _applied
     user = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if _applied is not None and (user is None or user == _EXPANDABLE):
+        return _applied
     if user is not None:
         return f"PYTORCH_CUDA_ALLOC_CONF={user} (from the environment)"
     if cfg.memory.allocator == "default":
         return "caching allocator defaults"
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        log.warning("memory.allocator=expandable: CUDA is already initialised in this process, the allocator "
-                    "keeps its settings (set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before start)")
-        return "caching allocator defaults (CUDA was initialised first)"
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    return "expandable_segments:True"
+        # The allocator read its settings when CUDA started (a kernel probe, say): change them in place;
+        # they apply to the segments it maps from now on.
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.13
+        (setter or torch.cuda.memory._set_allocator_settings)(_EXPANDABLE)
+    else:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = _EXPANDABLE  # read when CUDA starts, here and in child ranks
+    _applied = _EXPANDABLE
+    return _applied
+
+
+_EXPANDABLE = "expandable_segments:True"
+_applied: str | None = None

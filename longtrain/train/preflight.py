@@ -38,6 +38,9 @@ def preflight(cfg: Config) -> None:
         check_sp_degree(cfg.parallel.sp.degree, int(os.environ.get("WORLD_SIZE", cfg.launch.nproc)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from longtrain.memory.arena import configure_cuda_allocator
+
+    configure_cuda_allocator(cfg)  # before the kernel probe below starts CUDA
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA GPU is visible: use train.device=cpu (or auto)")
     device = torch.device("cuda" if t.device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -144,9 +144,11 @@ def test_host_budget_over_what_the_node_has_is_refused():
 
 # ---- memory.allocator: the CUDA allocator mode set before CUDA starts -------------------------------
 def test_allocator_mode_is_set_unless_the_environment_says(monkeypatch):
+    from longtrain.memory import arena
     from longtrain.memory.arena import configure_cuda_allocator
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(arena, "_applied", None)
     cfg = load_config("debug", [])
     assert cfg.memory.allocator == "expandable"  # the default
     assert configure_cuda_allocator(cfg) == "expandable_segments:True"
@@ -155,6 +157,8 @@ def test_allocator_mode_is_set_unless_the_environment_says(monkeypatch):
     assert "from the environment" in configure_cuda_allocator(cfg)
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert configure_cuda_allocator(cfg) == "expandable_segments:True"  # a second entry point: unchanged
+    monkeypatch.setattr(arena, "_applied", None)
     assert configure_cuda_allocator(load_config("debug", ["memory.allocator=default"])) == "caching allocator defaults"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     with pytest.raises(ConfigError, match="memory.allocator"):
