@@ -584,22 +584,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None,
                    help="train only N decoder layers of the same width (depth-truncated; default: all)")
     p.add_argument("--json", default=None, help="append the record(s) to this JSON list (default: none)")
+    add_measure_args(p, seq_what="data.seq_len", seq_start=4096, seq_step=1024,
+                     nproc_default="the recipe's launch.nproc")
+    return p
+
+
+def add_measure_args(p: argparse.ArgumentParser, *, seq_what: str, seq_start: int, seq_step: int,
+                     nproc_default: str) -> None:
+    """The options this benchmark shares with the peers' (tools/peers/): matmul basis, profiled step,
+    longest-sequence search."""
     p.add_argument("--matmul-n", type=int, default=8192, help="size of the measured bf16 matmul (default 8192)")
     p.add_argument("--profile-step", action=argparse.BooleanOptionalAction, default=None,
                    help="profile one more step after the timed ones and split its time into compute, exposed "
                         "communication, exposed copies and idle (default: on CUDA yes, on CPU no: no GPU timeline)")
     p.add_argument("--trace-dir", default=None,
                    help="keep each rank's chrome trace of the profiled step here (default: not kept)")
-    p.add_argument("--find-max-seq", action="store_true", help="search the longest data.seq_len that trains")
-    p.add_argument("--seq-start", type=int, default=4096, help="first length tried (default 4096)")
-    p.add_argument("--seq-step", type=int, default=1024, help="granularity of the bisection (default 1024)")
+    p.add_argument("--find-max-seq", action="store_true", help=f"search the longest {seq_what} that trains")
+    p.add_argument("--seq-start", type=int, default=seq_start, help=f"first length tried (default {seq_start})")
+    p.add_argument("--seq-step", type=int, default=seq_step, help=f"granularity of the bisection (default {seq_step})")
     p.add_argument("--seq-max", type=int, default=0, help="longest length tried (default 0: no limit)")
     p.add_argument("--nproc", type=int, default=0,
-                   help="ranks per attempt of --find-max-seq (default 0: those of the torchrun that started "
-                        "this, else the recipe's launch.nproc)")
+                   help=f"ranks per attempt of --find-max-seq (default 0: those of the torchrun that started "
+                        f"this, else {nproc_default})")
     p.add_argument("--attempt-timeout", type=int, default=0,
                    help="seconds before an attempt counts as failed (default 0: no limit)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -741,24 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the CUDA caching allocator's defaults (default: expandable_segments:True, as "
                         "longtrain; an explicit PYTORCH_CUDA_ALLOC_CONF always wins)")
     p.add_argument("--json", default=None, help="append the record(s) to this JSON list (default: none)")
-    p.add_argument("--profile-step", action=argparse.BooleanOptionalAction, default=None,
-                   help="profile one more step after the timed ones and split its time into compute, exposed "
-                        "communication, exposed copies and idle, as tools/bench_train.py does (default: on CUDA yes, "
-                        "on CPU no: no GPU timeline)")
-    p.add_argument("--trace-dir", default=None,
-                   help="keep each rank's chrome trace of the profiled step here (default: not kept)")
-    p.add_argument("--matmul-n", type=int, default=8192, help="size of the measured bf16 matmul (default 8192)")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
                    help=f"per-GPU peak for MFU (default {d.peak_tflops:g}: H100/H200 dense bf16)")
-    p.add_argument("--find-max-seq", action="store_true", help="search the longest --seq-len that trains")
-    p.add_argument("--seq-start", type=int, default=65536, help="first length tried (default 65536)")
-    p.add_argument("--seq-step", type=int, default=8192, help="granularity of the bisection (default 8192)")
-    p.add_argument("--seq-max", type=int, default=0, help="longest length tried (default 0: no limit)")
-    p.add_argument("--nproc", type=int, default=0,
-                   help="ranks per attempt of --find-max-seq (default 0: those of the torchrun that started this, "
-                        "else 1)")
-    p.add_argument("--attempt-timeout", type=int, default=0,
-                   help="seconds before an attempt counts as failed (default 0: no limit)")
+    bt.add_measure_args(p, seq_what="--seq-len", seq_start=65536, seq_step=8192, nproc_default="1")
     return p
 
 
