@@ -548,23 +548,8 @@ def find_max_seq(ns) -> int:
     cfg = load_config(ns.recipe, bench_overrides(ns.overrides, ns.steps, ns.warmup, ns.layers)
                       + [f"data.seq_len={ns.seq_start}"])
     nproc = ns.nproc or (world if "WORLD_SIZE" in os.environ else cfg.launch.nproc)
-    print(f"searching the longest data.seq_len for {ns.recipe} on {nproc} rank(s): from {ns.seq_start}, doubling, "
-          f"then bisecting to {ns.seq_step}" + (f", at most {ns.seq_max}" if ns.seq_max else ""), flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        best, attempts = search_max_seq(child_runner(ns, nproc, Path(tmp)), ns.seq_start, ns.seq_step, ns.seq_max,
-                                        on_attempt=lambda a: print("  " + describe(a), flush=True))
-    failed = attempts[-1].outcome == "failed"
-    ooms = [a.seq_len for a in attempts if a.outcome == "oom"]
-    if best is None:
-        result = (f"no length could be tested: data.seq_len={ns.seq_start} failed" if failed
-                  else f"even data.seq_len={ns.seq_start} runs out of memory")
-    else:
-        bound = (f"{min(x for x in ooms if x > best)} runs out of memory" if ooms
-                 else f"the cap --seq-max {ns.seq_max} reached" if ns.seq_max and best >= ns.seq_max else "")
-        result = f"longest data.seq_len that trains {ns.steps} steps: {best}" + (f" ({bound})" if bound else "")
-        if failed:
-            result += f"; the search stopped at a failure at {attempts[-1].seq_len}, so longer ones may fit"
-    print(result, flush=True)
+    best, attempts, failed = run_search(ns, child_runner, nproc, what="data.seq_len", who=ns.recipe,
+                                        tmp_prefix="bench_train_")
     if ns.json:
         summary = {"kind": "find_max_seq", "recipe": ns.recipe, "overrides": ns.overrides, "layers": ns.layers,
                    "world_size": nproc, "seq_start": ns.seq_start, "seq_step": ns.seq_step, "seq_max": ns.seq_max,
@@ -572,6 +557,29 @@ def find_max_seq(ns) -> int:
                    "attempts": [{"seq_len": a.seq_len, "outcome": a.outcome, "detail": a.detail} for a in attempts]}
         append_json(ns.json, [a.record for a in attempts if a.record] + [summary])
     return 1 if failed else 0
+
+
+def run_search(ns, make_runner, nproc: int, *, what: str, who: str, tmp_prefix: str):
+    """--find-max-seq: print the plan, search with fresh processes (`make_runner(ns, nproc, tmp)`),
+    print each attempt and the result; returns (longest that trains or None, attempts, stopped by failure)."""
+    print(f"searching the longest {what} for {who} on {nproc} rank(s): from {ns.seq_start}, doubling, "
+          f"then bisecting to {ns.seq_step}" + (f", at most {ns.seq_max}" if ns.seq_max else ""), flush=True)
+    with tempfile.TemporaryDirectory(prefix=tmp_prefix) as tmp:
+        best, attempts = search_max_seq(make_runner(ns, nproc, Path(tmp)), ns.seq_start, ns.seq_step, ns.seq_max,
+                                        on_attempt=lambda a: print("  " + describe(a), flush=True))
+    failed = attempts[-1].outcome == "failed"
+    ooms = [a.seq_len for a in attempts if a.outcome == "oom"]
+    if best is None:
+        result = (f"no length could be tested: {what}={ns.seq_start} failed" if failed
+                  else f"even {what}={ns.seq_start} runs out of memory")
+    else:
+        bound = (f"{min(x for x in ooms if x > best)} runs out of memory" if ooms
+                 else f"the cap --seq-max {ns.seq_max} reached" if ns.seq_max and best >= ns.seq_max else "")
+        result = f"longest {what} that trains {ns.steps} steps: {best}" + (f" ({bound})" if bound else "")
+        if failed:
+            result += f"; the search stopped at a failure at {attempts[-1].seq_len}, so longer ones may fit"
+    print(result, flush=True)
+    return best, attempts, failed
 
 
 # ---- command line -----------------------------------------------------------------------------

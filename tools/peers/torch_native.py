@@ -70,7 +70,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -648,23 +647,8 @@ def find_max_seq(ns) -> int:
                             f">= --seq-start {ns.seq_start}")
     nproc = ns.nproc or (world if "WORLD_SIZE" in os.environ else 1)
     check_world(ns, nproc)
-    print(f"searching the longest --seq-len of the {PEER} peer on {nproc} rank(s): from {ns.seq_start}, doubling, "
-          f"then bisecting to {ns.seq_step}" + (f", at most {ns.seq_max}" if ns.seq_max else ""), flush=True)
-    with tempfile.TemporaryDirectory(prefix="peer_torch_native_") as tmp:
-        best, attempts = bt.search_max_seq(child_runner(ns, nproc, Path(tmp)), ns.seq_start, ns.seq_step, ns.seq_max,
-                                           on_attempt=lambda a: print("  " + bt.describe(a), flush=True))
-    failed = attempts[-1].outcome == "failed"
-    ooms = [a.seq_len for a in attempts if a.outcome == "oom"]
-    if best is None:
-        result = (f"no length could be tested: --seq-len {ns.seq_start} failed" if failed
-                  else f"even --seq-len {ns.seq_start} runs out of memory")
-    else:
-        bound = (f"{min(x for x in ooms if x > best)} runs out of memory" if ooms
-                 else f"the cap --seq-max {ns.seq_max} reached" if ns.seq_max and best >= ns.seq_max else "")
-        result = f"longest --seq-len that trains {ns.steps} steps: {best}" + (f" ({bound})" if bound else "")
-        if failed:
-            result += f"; the search stopped at a failure at {attempts[-1].seq_len}, so longer ones may fit"
-    print(result, flush=True)
+    best, attempts, failed = bt.run_search(ns, child_runner, nproc, what="--seq-len", who=f"the {PEER} peer",
+                                           tmp_prefix="peer_torch_native_")
     if ns.json:
         summary = {"kind": "find_max_seq", "peer": PEER, "recipe": PEER,
                    "overrides": [f"preset={ns.preset}", f"sdpa_backend={ns.sdpa_backend}", f"cp={ns.cp}",
