@@ -650,15 +650,24 @@ def main(argv: list[str] | None = None) -> int:
         if _rank() == 0:
             print(f"bench_train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    except (torch.OutOfMemoryError, RuntimeError) as e:  # CUDA OOM, or the CPU allocator's refusal
-        text = str(e)
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
-            raise
-        print(f"{OOM_MARKER} rank {_rank()}: out of memory: {text.strip().splitlines()[0][:300]}",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(EXIT_OOM)  # at once: peers blocked in a collective are ended by torchrun
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        exit_if_oom(e)
+        raise
     return 0
+
+
+def exit_if_oom(e: BaseException) -> None:
+    """An out-of-memory error (CUDA, or the CPU allocator's refusal) ends this process at once with the
+    marker --find-max-seq reads (peers blocked in a collective are ended by torchrun); others return."""
+    import torch
+
+    text = str(e)
+    if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
+        return
+    print(f"{OOM_MARKER} rank {_rank()}: out of memory: {text.strip().splitlines()[0][:300]}",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_OOM)
 
 
 if __name__ == "__main__":

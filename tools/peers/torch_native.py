@@ -751,14 +751,9 @@ def main(argv: list[str] | None = None) -> int:
         if _rank() == 0:
             print(f"torch_native: error: {e}", file=sys.stderr, flush=True)
         return bt.EXIT_USAGE
-    except (torch.OutOfMemoryError, RuntimeError) as e:  # CUDA OOM, or the CPU allocator's refusal
-        text = str(e)
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
-            raise
-        print(f"{bt.OOM_MARKER} rank {_rank()}: out of memory: {text.strip().splitlines()[0][:300]}",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(bt.EXIT_OOM)  # at once: peers blocked in a collective are ended by torchrun
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        bt.exit_if_oom(e)
+        raise
     return 0
 
 
