@@ -4,6 +4,11 @@ beside the CUDA caching allocator's actual layout from a memory snapshot when on
     python tools/plan_memory.py --png plan.png --plan runs/x/memory_plan_layer.json
     python tools/plan_memory.py --png plan.png debug model.preset=llama3-8b data.seq_len=131072 [--level 2]
     python tools/plan_memory.py --png plan.png --plan P.json --snapshot snap.pickle
+    python tools/plan_memory.py --png plan.png --from-snapshot snap.pickle [--first I --last J] [--json out.json]
+
+--from-snapshot plans the requests of a GPU trace itself (the allocator's actions I..J, e.g. one layer's
+forward and backward, or a whole step) and prints the plan's peak and lower bound beside what the caching
+allocator allocated and reserved for the same requests; the picture shows both.
 
 The snapshot is the pickle of `torch.cuda.memory._snapshot()` taken after
 `torch.cuda.memory._record_memory_history()`: its `device_traces` (alloc / free events) give the
@@ -14,6 +19,7 @@ picture shows fragmentation (holes inside segments), not the virtual address spa
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -21,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GIB = 2**30
+
+from longtrain.memory.planner.snapshot import allocator_peaks, blocks_from_snapshot  # noqa: E402
 
 
 def _draw_plan(ax, plan, title: str) -> None:
@@ -65,19 +73,10 @@ def snapshot_rectangles(snap: dict, device: int = 0) -> tuple[list[tuple[int, in
         k = bisect.bisect_right(base, addr) - 1
         return compact[k] + addr - base[k] if k >= 0 else addr - (base[0] if base else 0)
 
-    live, rects = {}, []
-    t = 0
-    for e in events:
-        act = e.get("action")
-        if act == "alloc":
-            live[e["addr"]] = (t, e["size"])
-        elif act in ("free_completed", "free_requested") and e["addr"] in live:
-            start, size = live.pop(e["addr"])
-            rects.append((start, t, where(e["addr"]), size))
-        else:
-            continue
-        t += 1
-    rects += [(start, t, where(a), size) for a, (start, size) in live.items()]
+    if not events:
+        return [], total
+    rects = [(b.request.start, b.request.end, where(b.addr), b.request.size)
+             for b in blocks_from_snapshot(snap, device)]
     return rects, total
 
 
@@ -116,6 +115,41 @@ def draw(plan, png: str | Path, snapshot: dict | None = None, title: str = "plan
     return Path(png)
 
 
+def _load_snapshot(path: str) -> dict:
+    with open(path, "rb") as f:
+        snap = pickle.load(f)
+    if not isinstance(snap, dict) or "segments" not in snap:
+        raise ValueError(f"{path} is not a torch.cuda.memory._snapshot() pickle (no 'segments')")
+    return snap
+
+
+def plan_snapshot(snap: dict, first: int = 0, last: int | None = None, time_limit_s: float = 60.0):
+    """Plan the trace's requests [first, last) and set the plan beside the allocator: (plan, row)."""
+    from longtrain.memory.planner import solve_plan
+
+    reqs = [b.request for b in blocks_from_snapshot(snap, 0, first, last)]
+    if not reqs:
+        raise ValueError(f"no allocation among the trace's actions [{first}:{last}]")
+    plan = solve_plan(reqs, time_limit_s=time_limit_s)
+    peaks = allocator_peaks(snap) if first == 0 and last is None else {}
+    row = {"requests": len(reqs), "lower_bound_bytes": plan.lower_bound_bytes, "plan_peak_bytes": plan.peak_bytes,
+           "plan_ratio": plan.ratio, "solver": plan.solver, "window": [first, last], **peaks}
+    return plan, row
+
+
+def snapshot_table(row: dict) -> str:
+    lines = [f"requests              {row['requests']}",
+             f"lower bound           {row['lower_bound_bytes'] / GIB:.3f} GiB (max live bytes)",
+             f"plan peak             {row['plan_peak_bytes'] / GIB:.3f} GiB ({row['plan_ratio']:.4f} x LB, {row['solver']})"]
+    if "reserved_peak_bytes" in row:
+        lines += [f"allocator allocated   {row['allocated_peak_bytes'] / GIB:.3f} GiB (peak of live blocks)",
+                  f"allocator reserved    {row['reserved_peak_bytes'] / GIB:.3f} GiB "
+                  f"({row['reserved_peak_bytes'] / max(row['plan_peak_bytes'], 1):.3f} x the plan's peak)"]
+    else:
+        lines.append("allocator peaks       (whole trace only: a window starts with blocks of unknown layout)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help="recipe to trace and plan (instead of --plan)")
@@ -124,13 +158,28 @@ def main(argv=None) -> int:
     p.add_argument("--plan", help="a plan JSON written by `longtrain plan-memory`")
     p.add_argument("--level", type=int, choices=(1, 2), default=1, help="with a recipe: which level to draw")
     p.add_argument("--snapshot", help="pickle of torch.cuda.memory._snapshot() for the second panel")
+    p.add_argument("--from-snapshot", help="plan the requests of this snapshot's trace (and draw it beside)")
+    p.add_argument("--first", type=int, default=0, help="--from-snapshot: first allocator action of the window")
+    p.add_argument("--last", type=int, default=None, help="--from-snapshot: end of the window (default: all)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="--from-snapshot: MIP time limit (s)")
+    p.add_argument("--json", help="--from-snapshot: write the comparison here")
     ns = p.parse_args(argv)
     from longtrain.config import ConfigError, load_config
     from longtrain.memory.planner import MemoryPlan
 
-    if (ns.plan is None) == (ns.recipe is None):
-        p.error("give either --plan FILE or a RECIPE")
+    if sum(x is not None for x in (ns.plan, ns.recipe, ns.from_snapshot)) != 1:
+        p.error("give one of --plan FILE, a RECIPE or --from-snapshot FILE")
     try:
+        if ns.from_snapshot:
+            snap = _load_snapshot(ns.from_snapshot)
+            plan, row = plan_snapshot(snap, ns.first, ns.last, ns.time_limit)
+            print(snapshot_table(row))
+            if ns.json:
+                with open(ns.json, "w") as f:
+                    json.dump(row, f, indent=2)
+            out = draw(plan, ns.png, snap, f"{Path(ns.from_snapshot).name} [{ns.first}:{ns.last}]")
+            print(f"wrote {out}")
+            return 0
         if ns.plan:
             plan, title = MemoryPlan.from_json(ns.plan), Path(ns.plan).name
         else:
@@ -139,12 +188,7 @@ def main(argv=None) -> int:
             rep = plan_recipe(load_config(ns.recipe, ns.overrides))
             plan = rep.layer_plan if ns.level == 1 else rep.iteration_plan
             title = f"{ns.recipe} level {ns.level}"
-        snap = None
-        if ns.snapshot:
-            with open(ns.snapshot, "rb") as f:
-                snap = pickle.load(f)
-            if not isinstance(snap, dict) or "segments" not in snap:
-                raise ValueError(f"{ns.snapshot} is not a torch.cuda.memory._snapshot() pickle (no 'segments')")
+        snap = _load_snapshot(ns.snapshot) if ns.snapshot else None
     except (ConfigError, ValueError, OSError) as e:
         print(f"plan_memory: error: {e}", file=sys.stderr)
         return 2

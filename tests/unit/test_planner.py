@@ -382,3 +382,70 @@ def test_level2_matches_a_whole_iteration_trace():
     lb_whole = lower_bound([t.request for t in whole])
     assert 0.9 * it.lower_bound_bytes <= lb_whole <= 1.1 * it.lower_bound_bytes
     _check(it)
+
+
+# ---- requests from a GPU allocator trace (planner/snapshot.py) --------------------------------------
+
+def _snapshot():
+    """A consistent little trace: at snapshot time the 3 MiB and 1 MiB blocks are live; one segment
+    (4 MiB) was mapped during the trace and another (2 MiB) mapped and released again."""
+    base = 1 << 40
+    mib = 1 << 20
+    return {"segments": [{"device": 0, "address": base, "total_size": 6 * mib,
+                          "blocks": [{"size": 2 * mib, "state": "inactive"}, {"size": 3 * mib, "state": "active_allocated"},
+                                     {"size": 1 * mib, "state": "inactive"}]},
+                         {"device": 0, "address": base + (1 << 30), "total_size": 4 * mib,
+                          "blocks": [{"size": 1 * mib, "state": "active_allocated"}, {"size": 3 * mib, "state": "inactive"}]}],
+            "device_traces": [[{"action": "alloc", "addr": base, "size": 2 * mib},
+                               {"action": "alloc", "addr": base + 2 * mib, "size": 3 * mib},
+                               {"action": "free_requested", "addr": base, "size": 2 * mib},
+                               {"action": "free_completed", "addr": base, "size": 2 * mib},
+                               {"action": "segment_alloc", "addr": base + (2 << 30), "size": 2 * mib},
+                               {"action": "segment_free", "addr": base + (2 << 30), "size": 2 * mib},
+                               {"action": "segment_alloc", "addr": base + (1 << 30), "size": 4 * mib},
+                               {"action": "alloc", "addr": base + (1 << 30), "size": 1 * mib}]]}
+
+
+def test_requests_and_allocator_peaks_from_a_snapshot():
+    from longtrain.memory.planner.snapshot import allocator_peaks, blocks_from_snapshot, requests_from_snapshot
+
+    mib = 1 << 20
+    snap = _snapshot()
+    # event clock: alloc 0, alloc 1, free_completed 2 (free_requested is not the end when completions exist),
+    # alloc 3; the live ones end at the final clock 4
+    assert requests_from_snapshot(snap) == [Request(2 * mib, 0, 2), Request(3 * mib, 1, 4), Request(1 * mib, 3, 4)]
+    assert [b.addr for b in blocks_from_snapshot(snap)] == [1 << 40, (1 << 40) + 2 * mib, (1 << 40) + (1 << 30)]
+    assert requests_from_snapshot(snap, first=1) == [Request(3 * mib, 0, 2), Request(1 * mib, 1, 2)]  # window
+    # allocated: 0 at the start (4 MiB live at the end, +6 allocated -2 freed in the trace), peak 5 MiB;
+    # reserved: 6 MiB at the start (10 at the end, +4 +2 -2 in the trace), peak 10 MiB
+    assert allocator_peaks(snap) == {"allocated_peak_bytes": 5 * mib, "reserved_peak_bytes": 10 * mib}
+    with pytest.raises(ValueError, match="no 'device_traces'"):
+        requests_from_snapshot({"segments": []})
+    with pytest.raises(ValueError, match="no allocator actions on device 1"):
+        requests_from_snapshot(snap, device=1)
+
+
+def test_plan_memory_from_a_snapshot(tmp_path, capsys):
+    import importlib.util
+    import json
+    import pickle
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "plan_memory", Path(__file__).resolve().parents[2] / "tools" / "plan_memory.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with open(tmp_path / "s.pickle", "wb") as f:
+        pickle.dump(_snapshot(), f)
+    assert tool.main(["--png", str(tmp_path / "c.png"), "--from-snapshot", str(tmp_path / "s.pickle"),
+                      "--json", str(tmp_path / "c.json")]) == 0
+    row = json.loads((tmp_path / "c.json").read_text())
+    mib = 1 << 20
+    # the 1 MiB block reuses the freed 2 MiB's place: the plan reaches the lower bound (5 MiB), the
+    # allocator reserved 10 MiB for the same requests
+    assert (row["lower_bound_bytes"], row["plan_peak_bytes"]) == (5 * mib, 5 * mib)
+    assert row["reserved_peak_bytes"] == 10 * mib and "2.000 x the plan's peak" in capsys.readouterr().out
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    assert tool.main(["--png", str(tmp_path / "d.png"), "--from-snapshot", str(tmp_path / "s.pickle"),
+                      "--first", "5", "--last", "7"]) == 2  # a window with no allocation: a clear error
+    assert "no allocation among the trace's actions [5:7]" in capsys.readouterr().err
