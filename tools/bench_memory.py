@@ -123,14 +123,20 @@ def main() -> None:
     ap.add_argument("--max-step", type=int, default=65536, help="--find-max: granularity of the attempts (tokens)")
     ap.add_argument("--max-attempts", type=int, default=3, help="--find-max: attempts per policy after the fit")
     ap.add_argument("--max-start", type=int, default=0, help="--find-max: first attempt (0: the prediction)")
-    ap.add_argument("--max-chunk", type=int, default=16384, help="--find-max: swap's recompute chunk (tokens)")
+    ap.add_argument("--max-chunk", type=int, default=16384,
+                    help="--find-max: swap's recompute chunk, and recompute-tiled's MLP tile (tokens)")
     ap.add_argument("--max-policies", nargs="*", default=["recompute", "swap"],
                     choices=["recompute", "recompute-tiled", "swap"])
     ap.add_argument("--mlp-chunk", type=int, default=0, help="add keep and recompute variants with a tiled MLP")
     ap.add_argument("--host-budget-gib", type=float, default=0.0, help="--find-max: host budget (0: 80%% available)")
+    ap.add_argument("--allocator", default="expandable", choices=["expandable", "default"],
+                    help="CUDA allocator mode, as memory.allocator (a PYTORCH_CUDA_ALLOC_CONF in the environment wins)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    from longtrain.memory.arena import set_cuda_allocator_mode
+
+    allocator = set_cuda_allocator_mode(a.allocator)  # as the trainer does, before CUDA starts
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args = model_args(a.preset)
@@ -196,7 +202,7 @@ def main() -> None:
         print(f"| {r['variant']} | {r['step_s']:.3f} | {rel} | {r['peak_gib']:.1f} | {r.get('d2h_gib', 0):.1f} | "
               f"{r.get('h2d_gib', 0):.1f} | {r.get('copy_s', 0):.2f} | "
               f"{'' if 'overlap' not in r else format(r['overlap'], '.2f')} |")
-    result = {"rows": rows, "alpha_model": alpha_m, "gbps": gbps, "layer_fwd_ms": fwd_ms, "layer_bytes": vars(lb),
+    result = {"rows": rows, "cuda_allocator": allocator, "alpha_model": alpha_m, "gbps": gbps, "layer_fwd_ms": fwd_ms, "layer_bytes": vars(lb),
               "args": vars(a), "torch": torch.__version__}
     if a.find_max:
         result["max_len"] = find_max(a, args, device, dtype, gbps, fwd_ms, lambda: dump(a.json, result))
@@ -242,8 +248,8 @@ def peak_attempt(args, a, device, dtype, s, policy, plan=None, partial=True, mlp
         if streams is not None:
             out["pinned_gib"] = streams.stats.host_bytes_pinned / 2**30
         return out
-    finally:
-        del stack, streams
+    finally:  # drop every device tensor of the attempt before returning the cached memory
+        stack = streams = x = h = top_in = grad = layers = cos = sin = None  # noqa: F841
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -279,6 +285,12 @@ def find_max(a, args, device, dtype, gbps, fwd_ms, save) -> dict:
             peaks[(s, partial)] = r.get("peak_gib", 0.0)
             print(f"find-max check {name} {s} {'top-layer' if partial else 'full'} backward: "
                   f"peak {r.get('peak_gib', 0):.2f} GiB", flush=True)
+        gap = peaks[(a.seq, False)] - peaks[(a.seq, True)]
+        out.setdefault("full_minus_top_layer_gib", {})[name] = gap
+        if gap > 0.01 * peaks[(a.seq, False)]:
+            print(f"find-max {name}: note: the full backward's peak is {gap:.2f} GiB above the top layer's at "
+                  f"{a.seq} tokens; the attempts below measure the top layer's, so their limit is that much "
+                  "optimistic", flush=True)
         slope = (peaks[(a.seq, True)] - peaks[(a.seq // 2, True)]) / (a.seq / 2)
         fixed = peaks[(a.seq, True)] - slope * a.seq
         pred = int((0.98 * total / 2**30 - fixed) / max(slope, 1e-12))
@@ -310,6 +322,11 @@ def find_max(a, args, device, dtype, gbps, fwd_ms, save) -> dict:
             print(f"find-max {name} {s}: {'ok' if r['ok'] else r['error'][:100]}"
                   + (f", peak {r.get('peak_gib', 0):.1f} GiB, {r['seconds']:.0f} s" if r["ok"] else ""), flush=True)
             save()
+            if not r["ok"] and "pinning" in r["error"]:
+                # host memory, not the GPU: CUDA keeps the failed registration as its last error, which
+                # could surface in the next attempt of this process; the search of this policy ends here
+                worst = s
+                break
             if r["ok"]:
                 best = s if best is None else max(best, s)
             else:

@@ -485,9 +485,41 @@ def classify(returncode: int, output: str) -> str:
     return "oom" if OOM_MARKER in output else "failed"
 
 
-def child_runner(ns, nproc: int, workdir: Path) -> Callable[[int], Attempt]:
-    """Runs one attempt in a fresh process (torchrun with nproc ranks when nproc > 1)."""
+def run_attempt(script: str, argv: list[str], nproc: int, seq: int, out: Path, timeout: int,
+                check: Callable[[dict], str | None] = lambda rec: None) -> Attempt:
+    """One --find-max-seq attempt of `script` in a fresh process (torchrun with nproc ranks when nproc > 1),
+    its record read from `out`; `check(record)` may name a reason the record does not count. On the
+    timeout the launcher is asked to stop (torchrun passes SIGTERM on to its ranks, which run in their
+    own sessions and would outlive a plain kill), then killed."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc-per-node={nproc}"]
+    p = subprocess.Popen([*launcher, script, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env)
+    try:
+        text, _ = p.communicate(timeout=timeout or None)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+        return Attempt(seq, "failed", detail=f"no result within --attempt-timeout {timeout} s (stopped)")
+    outcome = classify(p.returncode, text)
+    tail = "\n".join(text.strip().splitlines()[-6:])
+    if outcome != "ok":
+        how = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit status {p.returncode}"
+        return Attempt(seq, outcome, detail=f"{how}:\n{tail}")
+    recs = json.loads(out.read_text()) if out.is_file() else []
+    if not recs:
+        return Attempt(seq, "failed", detail=f"exit status 0 but no record in {out}:\n{tail}")
+    why = check(recs[-1])
+    return Attempt(seq, "failed", detail=why) if why else Attempt(seq, "ok", record=recs[-1])
+
+
+def child_runner(ns, nproc: int, workdir: Path) -> Callable[[int], Attempt]:
+    """Runs one attempt of this benchmark in a fresh process."""
 
     def run(seq: int) -> Attempt:
         out = workdir / f"seq_{seq}.json"
@@ -496,25 +528,14 @@ def child_runner(ns, nproc: int, workdir: Path) -> Callable[[int], Attempt]:
         args += ["--layers", str(ns.layers)] if ns.layers else []
         if ns.profile_step is not None:  # the attempts' traces are not kept: one directory would hold them all
             args.append("--profile-step" if ns.profile_step else "--no-profile-step")
-        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                        f"--nproc-per-node={nproc}"]
-        try:
-            p = subprocess.run([*launcher, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
-                               env=env, timeout=ns.attempt_timeout or None)
-        except subprocess.TimeoutExpired:
-            return Attempt(seq, "failed", detail=f"no result within --attempt-timeout {ns.attempt_timeout} s")
-        outcome = classify(p.returncode, p.stdout + p.stderr)
-        tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-6:])
-        if outcome != "ok":
-            how = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit status {p.returncode}"
-            return Attempt(seq, outcome, detail=f"{how}:\n{tail}")
-        recs = json.loads(out.read_text()) if out.is_file() else []
-        if not recs:
-            return Attempt(seq, "failed", detail=f"exit status 0 but no record in {out}:\n{tail}")
-        if recs[-1]["seq_len"] != seq:
-            return Attempt(seq, "failed", detail=f"trained seq_len {recs[-1]['seq_len']}, not {seq}: the recipe's "
-                                                 "first stage sets its own data.seq_len")
-        return Attempt(seq, "ok", record=recs[-1])
+
+        def check(rec: dict) -> str | None:
+            if rec["seq_len"] != seq:
+                return (f"trained seq_len {rec['seq_len']}, not {seq}: the recipe's first stage sets its own "
+                        "data.seq_len")
+            return None
+
+        return run_attempt(str(Path(__file__).resolve()), args, nproc, seq, out, ns.attempt_timeout, check)
 
     return run
 

@@ -87,7 +87,6 @@ class SwapStreams:
         allocator: that one rounds every block up to a power of two (a 4.2 GiB layer input would pin
         8 GiB), which breaks the host budget's accounting. Plain host memory registered with
         cudaHostRegister is pinned at its own size, and unregistered when the buffer is freed."""
-        self.stats.host_bytes_pinned += nbytes
         host = torch.empty(nbytes, dtype=torch.uint8)
         if self.cuda and nbytes:
             ptr = host.data_ptr()
@@ -96,7 +95,12 @@ class SwapStreams:
                 raise RuntimeError(f"pinning {nbytes / 2**30:.2f} GiB of host memory failed (cudaError {err}): "
                                    "lower memory.activation.host_budget_gib or the swapped share (alpha)")
             weakref.finalize(host, _unpin, ptr, self.device)
+        self.stats.host_bytes_pinned += nbytes
         return host
+
+    def drop_host_buffer(self, host: Tensor) -> None:
+        """A buffer leaves the pool (a shape change): it no longer counts (it is unpinned when freed)."""
+        self.stats.host_bytes_pinned -= host.numel()
 
     @contextlib.contextmanager
     def timed(self, kind: str):
@@ -132,7 +136,7 @@ class LayerSwap:
         self.external: set[int] = set()
         self.storages: dict[int, int] = {}  # device storage ptr -> slot, this step
         self.slots: list[_Packed] = []
-        self.pool: list[Tensor] = []  # host buffers, reused step after step
+        self.pool: list[Tensor | None] = []  # host buffers, reused step after step
         self.alive: list[Tensor] = []  # the packed storages, held until the layer's forward ends
         self.part = "pre"  # which part of the layer is running (bytes are counted per part)
         self.d2h_done: torch.cuda.Event | None = None
@@ -173,9 +177,12 @@ class LayerSwap:
     def _to_host(self, st, dtype: torch.dtype, slot: int) -> _Packed:
         s = self.streams
         nbytes = st.nbytes()
-        if slot < len(self.pool) and self.pool[slot].numel() == nbytes:
+        if slot < len(self.pool) and self.pool[slot] is not None and self.pool[slot].numel() == nbytes:
             host = self.pool[slot]
         else:  # first step (or a shape change): a new host buffer for this slot, kept for the next steps
+            if slot < len(self.pool) and self.pool[slot] is not None:
+                s.drop_host_buffer(self.pool[slot])
+                self.pool[slot] = None  # freed (and unpinned) before the new one is pinned
             host = s.host_buffer(nbytes)
             self.pool[slot:slot + 1] = [host]
         src = torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)

@@ -58,10 +58,10 @@ def gathered(params, modify: bool = False):
     written back into every rank's partition on exit (change them identically on every rank, or on
     rank 0). Ordinary tensors need nothing: a no-op then, and DeepSpeed is not imported."""
     zero = [p for p in params if hasattr(p, "ds_id")]
-    if not modify:
+    if zero and not modify:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        zero = [p for p in zero if p.ds_status == ZeroParamStatus.NOT_AVAILABLE] if zero else []
+        zero = [p for p in zero if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if not zero:
         return nullcontext()
     import deepspeed

@@ -46,7 +46,8 @@ def memory_record(device: torch.device, swap_streams=None) -> dict:
     """The memory fields of a step record, all peaks since the process started (a few counters read,
     no device sync): device memory allocated (`peak_mem_gib`) and, on CUDA, reserved by the caching
     allocator; the process's peak RSS; and the host buffers of the activation swap pool (pinned on
-    CUDA; allocated at the first step and reused, so their size is also their peak), when it has one."""
+    CUDA; allocated at the first step and reused: the bytes it holds now, which change only when a
+    shape does), when it has one."""
     rec = {"peak_mem_gib": peak_memory_gib(device)}
     if device.type == "cuda":
         rec["peak_mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30

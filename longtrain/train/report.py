@@ -188,7 +188,10 @@ def write_report(run_dirs: list[str], bench_files: list[str] = (), out: str | Pa
             r.name = str(r.path)
     bench = [rec for f in bench_files for rec in read_bench(f)]
     out = Path(out) if out is not None else runs[0].path / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        raise ReportError(f"--out {out} cannot be the report folder ({e.strerror}): give a folder path") from None
 
     drawn, skipped = [], []
     for plot in RUN_PLOTS:

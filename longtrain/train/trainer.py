@@ -394,7 +394,7 @@ def run_training(cfg: Config) -> dict:
     mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s,
                      need_group=cfg.parallel.engine == "deepspeed", sp_degree=cfg.parallel.sp.degree)
     setup_logging(mesh.rank)
-    if cfg.train.device == "cuda":
+    if mesh.device.type == "cuda":
         log.info("CUDA allocator: %s", allocator)
     torch.manual_seed(cfg.train.seed)
     try:

@@ -372,3 +372,24 @@ def test_ranks_combine_into_maxima_and_keep_their_own_splits():
     assert why == "the profiler recorded no GPU activity in the step (rank(s) 1)"
     assert not set(bt.SPLIT_KEYS) & set(out) and "compute_s" in out["per_rank"][0]
     assert "compute_s" not in out["per_rank"][1]
+
+
+def test_an_attempt_past_its_timeout_is_stopped(tmp_path):
+    """--attempt-timeout: the attempt's process is stopped (not left running on the GPU) and the attempt
+    counts as failed, not as out of memory."""
+    import time
+
+    script = tmp_path / "hang.py"
+    script.write_text("import os, time\nopen(os.environ['HANG_PID_FILE'], 'w').write(str(os.getpid()))\n"
+                      "time.sleep(120)\n")
+    os.environ["HANG_PID_FILE"] = str(tmp_path / "pid")
+    try:
+        t0 = time.monotonic()
+        a = bt.run_attempt(str(script), [], 1, 4096, tmp_path / "out.json", timeout=2)
+    finally:
+        del os.environ["HANG_PID_FILE"]
+    assert time.monotonic() - t0 < 60
+    assert a.outcome == "failed" and "--attempt-timeout 2 s (stopped)" in a.detail
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone

@@ -86,7 +86,7 @@ def test_stages_resolve_over_the_data_section():
 
 
 @pytest.mark.parametrize("mode", ["full", "hft", "fpf", "kfpf"])
-def test_every_mode_runs_with_zero3_stages(mode):
+def test_every_mode_with_zero3_stages_is_accepted(mode):
     """ZeRO-3 with stages and every mode is accepted (tests/distributed/test_continual.py runs them)."""
     cfg = load_config("continual-cpu", [f"finetune.mode={mode}", "parallel.engine=deepspeed", "parallel.zero_stage=3"])
     assert len(cfg.stages) == 3 and cfg.parallel.zero_stage == 3

@@ -131,6 +131,7 @@ def test_runs_with_the_same_name_are_told_apart(tmp_path):
     ("bench_missing", "bench file"),
     ("bench_not_json", "is not JSON"),
     ("bench_no_records", "holds no bench records"),
+    ("out_is_a_file", "cannot be the report folder"),
 ])
 def test_bad_input_is_refused_with_the_fix(tmp_path, capsys, case, message):
     good = str(_run_b(tmp_path))
@@ -153,11 +154,13 @@ def test_bad_input_is_refused_with_the_fix(tmp_path, capsys, case, message):
         (tmp_path / "b.json").write_text(json.dumps([{"kind": "find_max_seq"}]))
         bench = [str(tmp_path / "b.json")]
     out = tmp_path / "out"
+    if case == "out_is_a_file":
+        out.write_text("not a folder")
     argv = ["report", good, run, "--out", str(out)] + (["--bench", *bench] if bench else [])
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("longtrain: error:") and message in err and "Traceback" not in err
-    assert not out.exists()  # every input is read before anything is written
+    assert out.is_file() if case == "out_is_a_file" else not out.exists()  # inputs are read before any write
 
 
 @pytest.mark.slow

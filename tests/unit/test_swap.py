@@ -56,6 +56,17 @@ def test_swap_matches_keep(alphas, chunk, packed):
     assert streams.stats.host_bytes_pinned == pinned  # no new host buffers after the first step
 
 
+def test_the_pool_counts_what_it_holds_after_a_shape_change():
+    model = _model()
+    streams = apply_activation_swap(model, {0: 0.5, 1: 0.5}, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    for s in (40, 24, 40):  # a new length replaces the buffers whose size changed
+        ids = torch.randint(0, 259, (1, s), generator=g)
+        _loss_and_grads(model, ids, ids)
+        held = sum(b.numel() for m in model.modules() if hasattr(m, "swap") for b in m.swap.pool if b is not None)
+        assert streams.stats.host_bytes_pinned == held
+
+
 def test_swapped_bytes_follow_alpha():
     """More swapped tokens, more bytes to host; alpha 0 still swaps the layer input and attention."""
     g = torch.Generator().manual_seed(1)
@@ -147,18 +158,25 @@ def test_allocator_mode_is_set_unless_the_environment_says(monkeypatch):
     from longtrain.memory import arena
     from longtrain.memory.arena import configure_cuda_allocator
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.setattr(arena, "_applied", None)
+    def fresh():  # a new process: nothing set
+        for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "LONGTRAIN_ALLOC_CONF"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(arena, "_applied", None)
+
+    fresh()
     cfg = load_config("debug", [])
     assert cfg.memory.allocator == "expandable"  # the default
     assert configure_cuda_allocator(cfg) == "expandable_segments:True"
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's setting wins
-    assert "from the environment" in configure_cuda_allocator(cfg)
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     assert configure_cuda_allocator(cfg) == "expandable_segments:True"  # a second entry point: unchanged
-    monkeypatch.setattr(arena, "_applied", None)
+    monkeypatch.setattr(arena, "_applied", None)  # a rank started by this process inherits the marked setting
+    assert configure_cuda_allocator(cfg) == "expandable_segments:True"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # the user's setting wins, by either name
+        fresh()
+        monkeypatch.setenv(name, "max_split_size_mb:512")
+        assert configure_cuda_allocator(cfg) == f"{name}=max_split_size_mb:512 (from the environment)"
+        assert os.environ[name] == "max_split_size_mb:512" and "LONGTRAIN_ALLOC_CONF" not in os.environ
+    fresh()
     assert configure_cuda_allocator(load_config("debug", ["memory.allocator=default"])) == "caching allocator defaults"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     with pytest.raises(ConfigError, match="memory.allocator"):

@@ -68,7 +68,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -451,15 +450,10 @@ def run_peer(ns) -> dict | None:
     args = model_shape(ns.preset, ns.layers)
     full_depth = PRESETS[ns.preset].num_hidden_layers
     allocator = None
-    if torch.cuda.is_available():  # before CUDA starts, as longtrain's bench does
-        user = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-        if user is not None:
-            allocator = f"PYTORCH_CUDA_ALLOC_CONF={user} (from the environment)"
-        elif ns.expandable_segments:
-            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-            allocator = "expandable_segments:True"
-        else:
-            allocator = "caching allocator defaults"
+    if torch.cuda.is_available():  # before CUDA starts, as longtrain does
+        from longtrain.memory.arena import set_cuda_allocator_mode
+
+        allocator = set_cuda_allocator_mode("expandable" if ns.expandable_segments else "default")
     peer = Peer(ns)
     cuda = peer.device.type == "cuda"
     torch.manual_seed(ns.seed)
@@ -606,27 +600,10 @@ def attempt_argv(ns, seq: int, out: Path) -> list[str]:
 
 
 def child_runner(ns, nproc: int, workdir: Path):
-    env = {k: v for k, v in os.environ.items() if k not in bt.TORCHRUN_ENV}
-
     def run(seq: int) -> bt.Attempt:
         out = workdir / f"seq_{seq}.json"
-        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                        f"--nproc-per-node={nproc}"]
-        try:
-            p = subprocess.run([*launcher, str(Path(__file__).resolve()), *attempt_argv(ns, seq, out)],
-                               capture_output=True, text=True, env=env, timeout=ns.attempt_timeout or None)
-        except subprocess.TimeoutExpired:
-            return bt.Attempt(seq, "failed", detail=f"no result within --attempt-timeout {ns.attempt_timeout} s")
-        text = p.stdout + p.stderr
-        outcome = bt.classify(p.returncode, text)
-        tail = "\n".join(text.strip().splitlines()[-6:])
-        if outcome != "ok":
-            how = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit status {p.returncode}"
-            return bt.Attempt(seq, outcome, detail=f"{how}:\n{tail}")
-        recs = json.loads(out.read_text()) if out.is_file() else []
-        if not recs:
-            return bt.Attempt(seq, "failed", detail=f"exit status 0 but no record in {out}:\n{tail}")
-        return bt.Attempt(seq, "ok", record=recs[-1])
+        return bt.run_attempt(str(Path(__file__).resolve()), attempt_argv(ns, seq, out), nproc, seq, out,
+                              ns.attempt_timeout)
 
     return run
 
