@@ -96,13 +96,7 @@ INIT_STD = 0.02  # LlamaConfig.initializer_range
 _SDPA = F.scaled_dot_product_attention
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _say(*lines: str) -> None:
-    if _rank() == 0:
-        print("\n".join(lines), flush=True)
+_rank, _say = bt._rank, bt._say  # rank from the launcher's environment; rank 0 prints
 
 
 # ---- shape ----------------------------------------------------------------------------------
