@@ -1,9 +1,10 @@
-"""Realising a memory plan at run time (`memory.planner.enabled`).
+"""The CUDA allocator at run time: its mode (`memory.allocator`), and the planned runtime
+(`memory.planner.enabled`).
 
-The planned runtime replays a level-1/level-2 plan through a pluggable CUDA allocator
-(`torch.cuda.MemPool`): it exists only on CUDA and is not built yet (the GPU half of issue 6). Until then
-a recipe that enables the planner trains with the normal allocator and says so in one log line, so the
-same recipe runs on CPU (tests, quickstart) and on GPU.
+The planned runtime, which would serve a level-1/level-2 plan from one region, is not built: why the
+allocator hooks torch offers do not allow it safely is in docs/memory-planner.md ("The CUDA runtime: what
+stands in the way"). A recipe that enables the planner trains with the normal allocator and says so in
+one log line, so the same recipe runs on CPU (tests, quickstart) and on GPU.
 """
 
 from __future__ import annotations
