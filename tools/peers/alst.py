@@ -313,27 +313,10 @@ class Peer:
 
     def __init__(self, ns):
         import deepspeed.comm as ds_dist
-        import torch.distributed as dist
 
         self.ns = ns
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), _rank()
-        local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        elif local_world > 1:  # share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        if not dist.is_initialized():
-            if self.world == 1:  # DeepSpeed wants a process group even alone
-                from longtrain.parallel.mesh import free_port
-
-                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(free_port()))
-                os.environ.setdefault("RANK", "0")
-                os.environ.setdefault("WORLD_SIZE", "1")
-                os.environ.setdefault("LOCAL_RANK", "0")
-            dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": self.device} if cuda else {}))
+        self.world, self.rank, self.device = tn.init_peer_process()
+        cuda = self.device.type == "cuda"
         ds_dist.init_distributed(dist_backend="nccl" if cuda else "gloo", dist_init_required=False, verbose=False)
         self.sp, self.dp = ns.sp, self.world // ns.sp
         self.sp_rank, self.dp_rank = self.rank % self.sp, self.rank // self.sp  # DeepSpeed's sp groups: consecutive
@@ -675,32 +658,10 @@ def child_runner(ns, nproc: int, workdir: Path):
 
 
 def find_max_seq(ns) -> int:
-    if _rank() != 0:  # under torchrun: rank 0 searches, each attempt starting its own ranks
-        return 0
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if world != local:
-        raise bt.UsageError(f"--find-max-seq starts each attempt's {world} ranks on this node, but torchrun spans "
-                            "several nodes: run the search on one node")
-    if ns.seq_start <= 0 or ns.seq_step <= 0 or ns.seq_start % ns.seq_step or ns.seq_step % ns.sp:
-        raise bt.UsageError(f"--seq-start {ns.seq_start} must be a positive multiple of --seq-step {ns.seq_step}, "
-                            f"itself a multiple of --sp {ns.sp} (Ulysses splits the sequence into sp equal shards)")
-    if ns.seq_max and (ns.seq_max < ns.seq_start or ns.seq_max % ns.seq_step):
-        raise bt.UsageError(f"--seq-max {ns.seq_max} must be a multiple of --seq-step {ns.seq_step}, "
-                            f">= --seq-start {ns.seq_start}")
-    nproc = ns.nproc or (world if "WORLD_SIZE" in os.environ else 1)
-    check_world(ns, nproc)
-
-    best, attempts, failed = bt.run_search(ns, child_runner, nproc, what="--seq-len", who=f"the {PEER} peer",
-                                           tmp_prefix="peer_alst_")
-    if ns.json:
-        summary = {"kind": "find_max_seq", "peer": PEER, "recipe": PEER,
-                   "overrides": [f"preset={ns.preset}", f"sdpa_backend={ns.sdpa_backend}", f"sp={ns.sp}",
-                                 f"loss_grad={ns.loss_grad}"],
-                   "layers": ns.layers, "world_size": nproc, "seq_start": ns.seq_start, "seq_step": ns.seq_step,
-                   "seq_max": ns.seq_max, "max_seq_len": best, "stopped_by_failure": failed,
-                   "attempts": [{"seq_len": a.seq_len, "outcome": a.outcome, "detail": a.detail} for a in attempts]}
-        bt.append_json(ns.json, [a.record for a in attempts if a.record] + [summary])
-    return 1 if failed else 0
+    return tn.search_peer(ns, child_runner, check_world, ns.sp,
+                          f"--sp {ns.sp} (Ulysses splits the sequence into sp equal shards)",
+                          [f"preset={ns.preset}", f"sdpa_backend={ns.sdpa_backend}", f"sp={ns.sp}",
+                           f"loss_grad={ns.loss_grad}"], peer=PEER, tmp_prefix="peer_alst_")
 
 
 # ---- command line -----------------------------------------------------------------------------------

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -283,32 +282,39 @@ def shard_mismatches(ids_B1: torch.Tensor, inputs: torch.Tensor, labels: torch.T
     return bad + (ids_B1[0, p + 1] != labels.reshape(-1)).sum()
 
 
+def init_peer_process() -> tuple[int, int, torch.device]:
+    """(world size, rank, device) of this rank, its default process group started (the peers' engines want
+    one even alone); on CPU the ranks of a node share its cores instead of oversubscribing them."""
+    import torch.distributed as dist
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), _rank()
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    elif local_world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        if world == 1:
+            from longtrain.parallel.mesh import free_port
+
+            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                               ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+                os.environ.setdefault(key, value)
+        dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
+    return world, rank, device
+
+
 # ---- the run ------------------------------------------------------------------------------------
 class Peer:
     """Process group, meshes, the sharded model and its optimizer, on every rank."""
 
     def __init__(self, ns):
-        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
         self.ns = ns
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), _rank()
-        local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        elif local_world > 1:  # share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        if not dist.is_initialized():
-            if self.world == 1:  # FSDP2 wants a process group even alone
-                from longtrain.parallel.mesh import free_port
-
-                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(free_port()))
-                os.environ.setdefault("RANK", "0")
-                os.environ.setdefault("WORLD_SIZE", "1")
-            dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": self.device} if cuda else {}))
+        self.world, self.rank, self.device = init_peer_process()
         self.cp, self.dp = ns.cp, self.world // ns.cp
         self.fsdp_mesh = init_device_mesh(self.device.type, (self.world,), mesh_dim_names=("fsdp",))
         mesh2 = init_device_mesh(self.device.type, (self.dp, self.cp), mesh_dim_names=("dp", "cp"))
@@ -603,27 +609,34 @@ def child_runner(ns, nproc: int, workdir: Path):
 
 
 def find_max_seq(ns) -> int:
+    unit = 2 * ns.cp if ns.cp > 1 else 1
+    return search_peer(ns, child_runner, check_world, unit, f"{unit} (2 x --cp, for the load balancing)",
+                       [f"preset={ns.preset}", f"sdpa_backend={ns.sdpa_backend}", f"cp={ns.cp}", f"gqa={ns.gqa}"],
+                       peer=PEER, tmp_prefix="peer_torch_native_")
+
+
+def search_peer(ns, child_runner, check_world, unit: int, unit_why: str, overrides: list[str], *, peer: str,
+                tmp_prefix: str) -> int:
+    """A peer's --find-max-seq (this one's and tools/peers/alst.py's): the flags checked, bench_train's search
+    run with the peer's `child_runner`, the attempts' records and a summary appended to --json."""
     if _rank() != 0:  # under torchrun: rank 0 searches, each attempt starting its own ranks
         return 0
     world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if world != local:
         raise bt.UsageError(f"--find-max-seq starts each attempt's {world} ranks on this node, but torchrun spans "
                             "several nodes: run the search on one node")
-    unit = 2 * ns.cp if ns.cp > 1 else 1
     if ns.seq_start <= 0 or ns.seq_step <= 0 or ns.seq_start % ns.seq_step or ns.seq_step % unit:
         raise bt.UsageError(f"--seq-start {ns.seq_start} must be a positive multiple of --seq-step {ns.seq_step}, "
-                            f"itself a multiple of {unit} (2 x --cp, for the load balancing)")
+                            f"itself a multiple of {unit_why}")
     if ns.seq_max and (ns.seq_max < ns.seq_start or ns.seq_max % ns.seq_step):
         raise bt.UsageError(f"--seq-max {ns.seq_max} must be a multiple of --seq-step {ns.seq_step}, "
                             f">= --seq-start {ns.seq_start}")
     nproc = ns.nproc or (world if "WORLD_SIZE" in os.environ else 1)
     check_world(ns, nproc)
-    best, attempts, failed = bt.run_search(ns, child_runner, nproc, what="--seq-len", who=f"the {PEER} peer",
-                                           tmp_prefix="peer_torch_native_")
+    best, attempts, failed = bt.run_search(ns, child_runner, nproc, what="--seq-len", who=f"the {peer} peer",
+                                           tmp_prefix=tmp_prefix)
     if ns.json:
-        summary = {"kind": "find_max_seq", "peer": PEER, "recipe": PEER,
-                   "overrides": [f"preset={ns.preset}", f"sdpa_backend={ns.sdpa_backend}", f"cp={ns.cp}",
-                                 f"gqa={ns.gqa}"],
+        summary = {"kind": "find_max_seq", "peer": peer, "recipe": peer, "overrides": overrides,
                    "layers": ns.layers, "world_size": nproc, "seq_start": ns.seq_start, "seq_step": ns.seq_step,
                    "seq_max": ns.seq_max, "max_seq_len": best, "stopped_by_failure": failed,
                    "attempts": [{"seq_len": a.seq_len, "outcome": a.outcome, "detail": a.detail} for a in attempts]}
