@@ -225,9 +225,11 @@ def combine_splits(ranks: list[dict]) -> tuple[dict, str | None]:
 
 
 def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers: int | None,
-              matmul_n: int, profiled: bool | None = None, trace_dir: str | None = None) -> dict | None:
+              matmul_n: int, profiled: bool | None = None, trace_dir: str | None = None,
+              gpu_budget_gib: float = 0.0) -> dict | None:
     """Every rank trains warmup + steps steps, and one more under the profiler when `profiled` (None:
-    on CUDA only); rank 0 returns the record (the others None)."""
+    on CUDA only); rank 0 returns the record (the others None). `gpu_budget_gib` > 0: one ballast
+    allocation first takes all but that much of each GPU's free memory (the peaks reported leave it out)."""
     import torch
     import torch.distributed as dist
 
@@ -264,6 +266,15 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     if cuda:  # before the model exists, so its memory is free; its buffers are not in the peaks below
         matmul = matmul_tflops(mesh.device, matmul_n)
         torch.cuda.empty_cache()
+    ballast = None
+    if cuda and gpu_budget_gib > 0:
+        free = torch.cuda.mem_get_info(mesh.device)[0]
+        take = free - int(gpu_budget_gib * 2**30)
+        if take <= 0:
+            raise UsageError(f"--gpu-budget-gib {gpu_budget_gib} is not below the {free / 2**30:.1f} GiB free on "
+                             f"{mesh.device}: give less")
+        ballast = torch.empty(take, dtype=torch.uint8, device=mesh.device)
+    if cuda:
         torch.cuda.reset_peak_memory_stats(mesh.device)
     trainer = Trainer(cfg, mesh)
     trainer.begin_stage(0)
@@ -284,8 +295,13 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
                 copies.append({"d2h_s": d2h_s, "h2d_s": h2d_s, "d2h_bytes": streams.stats.d2h_bytes,
                                "h2d_bytes": streams.stats.h2d_bytes})
     # read before the profiled step: the profiler's own host memory is not the recipe's
-    mem = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) / 2**30 if cuda else -1.0,
-                        torch.cuda.max_memory_reserved(mesh.device) / 2**30 if cuda else -1.0,
+    held = ballast.numel() if ballast is not None else 0
+    peaks = (((torch.cuda.max_memory_allocated(mesh.device) - held) / 2**30,
+              (torch.cuda.max_memory_reserved(mesh.device) - held) / 2**30) if cuda else (-1.0, -1.0))
+    plan_rt = getattr(trainer.model, "plan_runtime", None)
+    planner = None if plan_rt is None else {"state": plan_rt.state, "summary": plan_rt.summary(),
+                                            **plan_rt.core.stats()}
+    mem = torch.tensor([peaks[0], peaks[1],
                         streams.stats.host_bytes_pinned / 2**30 if streams is not None else 0.0,
                         host_peak_rss_gib()], dtype=torch.float64, device=mesh.device)
     prof = None
@@ -343,7 +359,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         "not_measured_why": why,
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "git_sha": git_sha(), "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "cuda_allocator": allocator,
+        "cuda_allocator": allocator, "planner": planner, "gpu_budget_gib": gpu_budget_gib or None,
     }
 
 
@@ -397,11 +413,17 @@ def print_record(r: dict) -> None:
         f"  MFU                 {mfu}",
         f"  MFU (measured)      {mfu_m}",
         f"  peak GPU memory     allocated {_gib(r['peak_mem_allocated_gib'])}, "
-        f"reserved {_gib(r['peak_mem_reserved_gib'])}",
+        f"reserved {_gib(r['peak_mem_reserved_gib'])}"
+        + (f" (a budget of {r['gpu_budget_gib']:g} GiB: a ballast holds the rest)" if r.get("gpu_budget_gib") else ""),
         f"  host memory         swap pool {_gib(r['swap_host_gib'])}, peak RSS {_gib(r['host_peak_rss_gib'])}",
         f"  time split          step {1e3 * split['step_s']:.1f} ms (median){copies}{missing}",
         *_split_lines(r),
         f"  loss                {r['loss_first']:.4f} -> {r['loss_last']:.4f}",
+        *([] if not r.get("planner") else [
+            f"  memory plan         {r['planner']['state']}: {r['planner']['summary']}; requests served from the "
+            f"plan {r['planner']['served']:,}, by the fallback {r['planner']['fallback']:,}, misses "
+            f"{r['planner']['miss_size'] + r['planner']['miss_length'] + r['planner']['miss_stream']}, refused "
+            f"{r['planner']['refused_overlap']}"]),
     ]), flush=True)
 
 
@@ -526,6 +548,7 @@ def child_runner(ns, nproc: int, workdir: Path) -> Callable[[int], Attempt]:
         args = [ns.recipe, *ns.overrides, f"data.seq_len={seq}", "--steps", str(ns.steps), "--warmup", str(ns.warmup),
                 "--matmul-n", str(ns.matmul_n), "--json", str(out)]
         args += ["--layers", str(ns.layers)] if ns.layers else []
+        args += ["--gpu-budget-gib", str(ns.gpu_budget_gib)] if ns.gpu_budget_gib else []
         if ns.profile_step is not None:  # the attempts' traces are not kept: one directory would hold them all
             args.append("--profile-step" if ns.profile_step else "--no-profile-step")
 
@@ -613,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None,
                    help="train only N decoder layers of the same width (depth-truncated; default: all)")
     p.add_argument("--json", default=None, help="append the record(s) to this JSON list (default: none)")
+    p.add_argument("--gpu-budget-gib", type=float, default=0.0,
+                   help="leave the run only this much GPU memory (a ballast allocation takes the rest of what is "
+                        "free first): finds the longest sequence for a smaller memory, in shorter attempts "
+                        "(default 0: all of it)")
     add_measure_args(p, seq_what="data.seq_len", seq_start=4096, seq_step=1024,
                      nproc_default="the recipe's launch.nproc")
     return p
@@ -661,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.find_max_seq:
             return find_max_seq(ns)
         rec = run_bench(ns.recipe, ns.overrides, ns.steps, ns.warmup, ns.layers, ns.matmul_n, ns.profile_step,
-                        ns.trace_dir)
+                        ns.trace_dir, ns.gpu_budget_gib)
         if rec is not None:
             print_record(rec)
             if ns.json:

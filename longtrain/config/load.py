@@ -203,6 +203,7 @@ def validate(cfg: Config) -> None:
     _positive("memory.activation.chunk_tokens", act.chunk_tokens, allow_zero=True)
     _positive("memory.activation.mlp_chunk_tokens", act.mlp_chunk_tokens, allow_zero=True)
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)
+    _positive("memory.planner.record_iteration", cfg.memory.planner.record_iteration, allow_zero=True)
     _validate_finetune(cfg)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
     _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)

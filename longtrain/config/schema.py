@@ -109,8 +109,10 @@ class ActivationConfig:
 
 @dataclass
 class PlannerConfig:
-    enabled: bool = False  # serve each layer's tensors from one region at MIP-planned offsets (needs CUDA; `longtrain plan-memory` prints the plan)
-    time_limit_s: float = 60.0  # CBC time limit per plan level (seconds); the greedy plan is kept if CBC does not beat it
+    enabled: bool = False  # serve each layer's temporaries from one region at MIP-planned offsets (CUDA: replaces the process's CUDA allocator; elsewhere a warning); `longtrain plan-memory` prints the plan
+    time_limit_s: float = 60.0  # CBC time limit per plan (seconds); the greedy plan is kept if CBC does not beat it
+    record_iteration: int = 1  # which training iteration (0-based; the first allocates gradients and buffers once) is recorded and planned; later ones replay it
+    check: bool = False  # also count planned blocks whose lifetime differs from the plan (freed outside their layer pass, or still live at its end); overlap is refused always
 
 
 @dataclass

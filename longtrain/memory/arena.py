@@ -1,10 +1,11 @@
 """The CUDA allocator at run time: its mode (`memory.allocator`), and the planned runtime
-(`memory.planner.enabled`).
+(`memory.planner.enabled`, longtrain/memory/planner/runtime.py).
 
-The planned runtime, which would serve a level-1/level-2 plan from one region, is not built: why the
-allocator hooks torch offers do not allow it safely is in docs/memory-planner.md ("The CUDA runtime: what
-stands in the way"). A recipe that enables the planner trains with the normal allocator and says so in
-one log line, so the same recipe runs on CPU (tests, quickstart) and on GPU.
+With the planner on and CUDA present, the planned allocator becomes the process's CUDA allocator before
+CUDA starts, and every decoder layer's forward and backward become windows that replay a level-1 plan
+(docs/memory-planner.md). On CPU, or when the allocator cannot be built here (no C compiler, no CUDA
+toolkit for the torch shim), the run trains with the normal allocator and says why in one warning, so
+the same recipe runs everywhere.
 """
 
 from __future__ import annotations
@@ -19,23 +20,54 @@ log = logging.getLogger(__name__)
 
 
 def apply_memory_plan(model: nn.Module, cfg, device: torch.device) -> nn.Module:
-    if device.type != "cuda":
-        log.warning("memory.planner.enabled=true: the planned allocator needs CUDA; this %s run uses the normal "
-                    "allocator (`longtrain plan-memory RECIPE` still prints and saves the plan)", device.type)
-    else:
-        log.warning("memory.planner.enabled=true: the planned CUDA runtime is not built yet; training uses the "
-                    "caching allocator (`longtrain plan-memory RECIPE` prints and saves the plan)")
+    """Wrap the decoder layers as windows of the planned runtime (outermost: after the activation policy)."""
+    from longtrain.memory.planner.runtime import PlanRuntime, active_core, attach_windows
+
+    core = active_core() if device.type == "cuda" else None
+    if core is None:
+        why = (f"the planned allocator needs CUDA; this {device.type} run" if device.type != "cuda"
+               else f"the planned allocator is not installed ({_planned_error or 'CUDA started before it'}); this run")
+        log.warning("memory.planner.enabled=true: %s uses the normal allocator (`longtrain plan-memory RECIPE` "
+                    "still prints and saves the plan)", why)
+        return model
+    pc = cfg.memory.planner
+    model.plan_runtime = PlanRuntime(core, device, record_iteration=pc.record_iteration,
+                                     time_limit_s=pc.time_limit_s, check=pc.check)
+    attach_windows(model.model.layers, model.plan_runtime)
+    log.info("memory plan: %d layers are windows of the planned allocator; iteration %d is recorded and planned, "
+             "later ones replay the plan%s", len(model.model.layers), pc.record_iteration,
+             " (check mode)" if pc.check else "")
     return model
 
 
 def configure_cuda_allocator(cfg) -> str:
-    """Set the CUDA caching allocator's mode from `memory.allocator`; see `set_cuda_allocator_mode`.
+    """Install the planned allocator (`memory.planner.enabled`, CUDA), else set the CUDA caching
+    allocator's mode from `memory.allocator`; see `set_cuda_allocator_mode`. Returns what applies.
 
     `expandable` maps and grows segments instead of carving fixed ones, so freed memory of one size can
     serve a larger request later. Measured on one H200 (docs/memory-swap.md): the longest sequence of a
     3-layer Llama-3-8B stack went from 393K to 459K tokens with full recompute and from 852K to 918K with
     swapping; the caching allocator failed 28-30 GiB requests with that much memory free in pieces."""
+    if cfg.memory.planner.enabled and torch.cuda.is_available():
+        planned = install_planned_allocator()
+        if planned:
+            return planned
     return set_cuda_allocator_mode(cfg.memory.allocator)
+
+
+def install_planned_allocator() -> str | None:
+    """The planned allocator as this process's CUDA allocator; None (with a warning) when it cannot be."""
+    global _planned_error
+    from longtrain.memory.planner.runtime import install_cuda_allocator
+
+    try:
+        install_cuda_allocator(int(os.environ.get("LOCAL_RANK", "0")))
+    except Exception as e:  # noqa: BLE001 - any build or install failure: train with the normal allocator
+        _planned_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        log.warning("memory.planner.enabled=true: the planned allocator could not be installed (%s); training uses "
+                    "the normal CUDA allocator", _planned_error)
+        return None
+    return "longtrain planned allocator (plan region + cudaMallocAsync pool)"
 
 
 def set_cuda_allocator_mode(mode: str) -> str:
@@ -69,3 +101,4 @@ _EXPANDABLE = "expandable_segments:True"
 _ENV_NAMES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # torch reads both (the second is the newer name)
 _OURS = "LONGTRAIN_ALLOC_CONF"
 _applied: str | None = None
+_planned_error: str | None = None

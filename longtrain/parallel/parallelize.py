@@ -6,8 +6,9 @@ Order matters and is fixed here:
   2. activation memory policy per layer (keep / recompute / swap(alpha) by MEMO's cost model,
      memory/activation.py), which wraps decoder layers; it measures one layer's forward, so it runs
      after the sp swap (the layer it times is the one that trains);
-  3. planned memory (`memory.planner.enabled`): needs the CUDA allocator hooks; not applied yet
-     (see apply_memory_plan), so it only reports that it is off;
+  3. planned memory (`memory.planner.enabled`, memory/arena.py): wraps every decoder layer, outermost,
+     as a window of the planned allocator (installed before CUDA started), so a recomputation inside
+     a layer's backward belongs to that layer's backward window;
   4. data parallelism and state sharding are applied last, by the engine (`longtrain/train/engine.py`):
      DDP or DeepSpeed ZeRO must see the final modules, and ZeRO also owns the optimizer, so that
      wrapping lives where the optimizer is built (see docs/design-notes.md).

@@ -1,0 +1,555 @@
+/* longtrain's planned allocator: the core of `memory.planner.enabled` (docs/memory-planner.md).
+ *
+ * Every device allocation of the process comes here (torch's pluggable-allocator hooks, installed by
+ * runtime.py). Inside a *window* (one decoder layer's forward, or its backward) the k-th request is
+ * matched with the k-th request of that window's plan: when the plan places it and the size is the
+ * planned one, it gets `region + offset[k]` in one region allocated once; everything else (requests
+ * outside windows, unplanned requests, any request after a mismatch in its window) is served by the
+ * fallback allocator: CUDA's stream-ordered allocator (cudaMallocAsync on the device's default pool,
+ * which keeps freed memory: release threshold = max).
+ *
+ * Safety, always on:
+ *  - a planned offset is handed out only when no live planned block overlaps it (a free that came
+ *    late, a tensor kept longer than the trace saw): otherwise the request is refused to the fallback;
+ *  - a size, stream or count that differs from the plan switches the plan off for the rest of the
+ *    window (the index alignment is lost; no offset is guessed after that);
+ *  - a block another stream used (`record_stream`) is freed only once events recorded on those
+ *    streams at free time have completed (deferred, as torch's caching allocator does).
+ * Check mode additionally counts planned blocks whose lifetime differs from the plan (freed in
+ * another window than the plan's) and planned blocks still live when the window that should free them
+ * ends.
+ *
+ * Record mode logs every allocation and free (6 int64 each: type, window, k, size, flag, block id; the
+ * flag is "on the window's stream" for an allocation, "used by another stream" for a free) so that
+ * runtime.py can build the plans from a real step. A host backend (malloc, simulated events) lets the CPU tests drive this exact code.
+ *
+ * No CUDA headers: the runtime functions are looked up with dlsym in the libcudart torch loaded.
+ */
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void *stream_t;
+typedef int cuerr_t;
+
+/* ---- backend ---------------------------------------------------------------------------------- */
+
+enum { BACKEND_NONE = 0, BACKEND_HOST = 1, BACKEND_CUDA = 2 };
+static int backend = BACKEND_NONE;
+
+static cuerr_t (*c_malloc)(void **, size_t);
+static cuerr_t (*c_free)(void *);
+static cuerr_t (*c_malloc_async)(void **, size_t, stream_t);
+static cuerr_t (*c_free_async)(void *, stream_t);
+static cuerr_t (*c_event_create)(void **, unsigned);
+static cuerr_t (*c_event_record)(void *, stream_t);
+static cuerr_t (*c_event_query)(void *);
+static cuerr_t (*c_event_destroy)(void *);
+static cuerr_t (*c_device_sync)(void);
+static cuerr_t (*c_get_last_error)(void);
+static cuerr_t (*c_default_pool)(void **, int);
+static cuerr_t (*c_pool_set)(void *, int, void *);
+static cuerr_t (*c_pool_get)(void *, int, void *);
+static cuerr_t (*c_pool_trim)(void *, size_t);
+static void *pool;
+
+#define ATTR_RELEASE_THRESHOLD 4
+#define ATTR_RESERVED_CURRENT 5
+#define ATTR_RESERVED_HIGH 6
+#define EVENT_DISABLE_TIMING 2
+
+/* host backend: events are tickets, complete once the test says so */
+static int64_t host_tickets, host_done, host_reserved, host_reserved_peak;
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+
+/* ---- blocks: ptr -> block, open addressing ------------------------------------------------------ */
+
+#define MAX_STREAMS 8
+typedef struct {
+    void *ptr;
+    int64_t size, id, window, offset, expect_free; /* offset < 0: fallback block */
+    stream_t stream;
+    int nrec;
+    stream_t rec[MAX_STREAMS];
+    int rec_overflow;
+} block_t;
+
+static block_t **table;
+static int64_t tcap, tlen;
+
+static uint64_t hash_ptr(void *p) {
+    uint64_t x = (uint64_t)(uintptr_t)p;
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33;
+    return x;
+}
+
+static int table_put(block_t *b);
+
+static int table_grow(void) {
+    block_t **old = table;
+    int64_t ocap = tcap;
+    tcap = ocap ? ocap * 2 : 4096;
+    table = calloc((size_t)tcap, sizeof(block_t *));
+    if (!table) { table = old; tcap = ocap; return -1; }
+    tlen = 0;
+    for (int64_t i = 0; i < ocap; i++)
+        if (old[i]) table_put(old[i]);
+    free(old);
+    return 0;
+}
+
+static int table_put(block_t *b) {
+    if ((tlen + 1) * 2 > tcap && table_grow()) return -1;
+    uint64_t m = (uint64_t)tcap - 1, i = hash_ptr(b->ptr) & m;
+    while (table[i]) i = (i + 1) & m;
+    table[i] = b;
+    tlen++;
+    return 0;
+}
+
+static int64_t table_find(void *p) {
+    if (!tcap) return -1;
+    uint64_t m = (uint64_t)tcap - 1, i = hash_ptr(p) & m;
+    while (table[i]) {
+        if (table[i]->ptr == p) return (int64_t)i;
+        i = (i + 1) & m;
+    }
+    return -1;
+}
+
+static block_t *table_take(void *p) {
+    int64_t at = table_find(p);
+    if (at < 0) return NULL;
+    uint64_t m = (uint64_t)tcap - 1, i = (uint64_t)at;
+    block_t *b = table[i];
+    table[i] = NULL;
+    tlen--;
+    /* backward-shift deletion keeps every probe chain unbroken */
+    for (uint64_t j = (i + 1) & m; table[j]; j = (j + 1) & m) {
+        uint64_t h = hash_ptr(table[j]->ptr) & m;
+        if ((j > i && (h <= i || h > j)) || (j < i && (h <= i && h > j))) {
+            table[i] = table[j];
+            table[j] = NULL;
+            i = j;
+        }
+    }
+    return b;
+}
+
+/* ---- plans, windows, live planned blocks, deferred frees, record ------------------------------- */
+
+#define MAX_PLANS 4096
+typedef struct { int64_t n, *size, *offset, *free_at; } plan_t;
+static plan_t plans[MAX_PLANS];
+
+static char *region;
+static int64_t region_bytes;
+
+typedef struct { int64_t offset, size, id, expect_free; } live_t;
+static live_t *live;
+static int64_t nlive, live_cap, live_bytes;
+
+static struct { int active, plan, asked, off; int64_t seq, k; stream_t stream; } win;
+static int64_t next_seq, next_id;
+
+typedef struct { block_t *b; int nev; void *ev[MAX_STREAMS]; } deferred_t;
+static deferred_t *deferred;
+static int64_t ndeferred, deferred_cap;
+
+static int recording, check_mode;
+static int64_t *rec;
+static int64_t rec_len, rec_cap; /* in events; 6 int64 each */
+
+/* stats, in the order of lt_stats */
+enum {
+    S_ALLOCATED, S_ALLOCATED_PEAK, S_RESERVED, S_RESERVED_PEAK, S_SERVED, S_MISS_SIZE, S_MISS_LENGTH,
+    S_MISS_STREAM, S_REFUSED_OVERLAP, S_FALLBACK, S_DEFERRED, S_CHECK_LIFETIME, S_CHECK_LEAKED,
+    S_REGION, S_PLANNED_LIVE, S_OOM_RETRIES, S_WINDOWS, S_UNKNOWN_FREE, S_AFTER_MISS, S_N
+};
+static int64_t st[S_N];
+
+static void log_event(int64_t type, int64_t window, int64_t k, int64_t size, int64_t main_stream, int64_t id) {
+    if (!recording) return;
+    if (rec_len == rec_cap) {
+        int64_t cap = rec_cap ? rec_cap * 2 : 65536;
+        int64_t *n = realloc(rec, (size_t)cap * 6 * sizeof(int64_t));
+        if (!n) { recording = 0; return; } /* runtime.py sees the record stop short and plans nothing */
+        rec = n;
+        rec_cap = cap;
+    }
+    int64_t *e = rec + rec_len * 6;
+    e[0] = type; e[1] = window; e[2] = k; e[3] = size; e[4] = main_stream; e[5] = id;
+    rec_len++;
+}
+
+static int64_t pool_reserved(int attr) {
+    if (backend == BACKEND_CUDA) {
+        uint64_t v = 0;
+        if (c_pool_get(pool, attr, &v)) { c_get_last_error(); return 0; }
+        return (int64_t)v;
+    }
+    return attr == ATTR_RESERVED_HIGH ? host_reserved_peak : host_reserved;
+}
+
+static void note_allocated(int64_t delta) {
+    st[S_ALLOCATED] += delta;
+    if (st[S_ALLOCATED] > st[S_ALLOCATED_PEAK]) st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
+}
+
+static int overlaps_live(int64_t off, int64_t size) {
+    for (int64_t i = 0; i < nlive; i++)
+        if (live[i].offset < off + size && off < live[i].offset + live[i].size) return 1;
+    return 0;
+}
+
+static int live_add(int64_t off, int64_t size, int64_t id, int64_t expect_free) {
+    if (nlive == live_cap) {
+        int64_t cap = live_cap ? live_cap * 2 : 256;
+        live_t *n = realloc(live, (size_t)cap * sizeof(live_t));
+        if (!n) return -1;
+        live = n;
+        live_cap = cap;
+    }
+    live[nlive++] = (live_t){off, size, id, expect_free};
+    live_bytes += size;
+    return 0;
+}
+
+static void live_remove(int64_t id) {
+    for (int64_t i = 0; i < nlive; i++)
+        if (live[i].id == id) {
+            live_bytes -= live[i].size;
+            live[i] = live[--nlive];
+            return;
+        }
+}
+
+static void *fallback_alloc(size_t size, stream_t stream) {
+    if (backend == BACKEND_HOST) {
+        void *p = malloc(size);
+        if (p) {
+            host_reserved += (int64_t)size;
+            if (host_reserved > host_reserved_peak) host_reserved_peak = host_reserved;
+        }
+        return p;
+    }
+    void *p = NULL;
+    if (c_malloc_async(&p, size, stream) == 0) return p;
+    c_get_last_error();
+    return NULL;
+}
+
+static void release(block_t *b) {
+    if (b->offset >= 0) {
+        live_remove(b->id);
+    } else if (backend == BACKEND_HOST) {
+        host_reserved -= b->size;
+        free(b->ptr);
+    } else if (c_free_async(b->ptr, b->stream)) {
+        c_get_last_error();
+    }
+    free(b);
+}
+
+static int event_done(void *ev) {
+    if (backend == BACKEND_HOST) return (int64_t)(intptr_t)ev <= host_done;
+    cuerr_t e = c_event_query(ev);
+    if (e == 0) return 1;
+    c_get_last_error(); /* cudaErrorNotReady is sticky-free, but clear it anyway */
+    return 0;
+}
+
+static void event_destroy(void *ev) {
+    if (backend == BACKEND_CUDA) c_event_destroy(ev);
+}
+
+static void process_deferred(int wait_all) {
+    int64_t j = 0;
+    if (wait_all && ndeferred && backend == BACKEND_CUDA) c_device_sync();
+    if (wait_all && backend == BACKEND_HOST) host_done = host_tickets;
+    for (int64_t i = 0; i < ndeferred; i++) {
+        deferred_t *d = &deferred[i];
+        int done = 1;
+        for (int e = 0; e < d->nev && done; e++) done = event_done(d->ev[e]);
+        if (done) {
+            for (int e = 0; e < d->nev; e++) event_destroy(d->ev[e]);
+            release(d->b);
+        } else {
+            deferred[j++] = *d;
+        }
+    }
+    ndeferred = j;
+    st[S_DEFERRED] = ndeferred;
+}
+
+/* ---- API --------------------------------------------------------------------------------------- */
+
+int lt_init_host(void) {
+    pthread_mutex_lock(&mu);
+    backend = BACKEND_HOST;
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
+
+#define SYM(var, name) if (!(*(void **)&var = dlsym(h, name))) return -2
+/* 0 ok, -1 library not found, -2 symbol missing, -3 pool setup failed */
+int lt_init_cuda(const char *cudart, int device) {
+    void *h = dlopen(cudart, RTLD_NOW | RTLD_NOLOAD);
+    if (!h) h = dlopen(cudart, RTLD_NOW);
+    if (!h) return -1;
+    SYM(c_malloc, "cudaMalloc"); SYM(c_free, "cudaFree");
+    SYM(c_malloc_async, "cudaMallocAsync"); SYM(c_free_async, "cudaFreeAsync");
+    SYM(c_event_create, "cudaEventCreateWithFlags"); SYM(c_event_record, "cudaEventRecord");
+    SYM(c_event_query, "cudaEventQuery"); SYM(c_event_destroy, "cudaEventDestroy");
+    SYM(c_device_sync, "cudaDeviceSynchronize"); SYM(c_get_last_error, "cudaGetLastError");
+    SYM(c_default_pool, "cudaDeviceGetDefaultMemPool"); SYM(c_pool_set, "cudaMemPoolSetAttribute");
+    SYM(c_pool_get, "cudaMemPoolGetAttribute"); SYM(c_pool_trim, "cudaMemPoolTrimTo");
+    if (c_default_pool(&pool, device)) return -3;
+    uint64_t keep = UINT64_MAX;
+    if (c_pool_set(pool, ATTR_RELEASE_THRESHOLD, &keep)) return -3;
+    pthread_mutex_lock(&mu);
+    backend = BACKEND_CUDA;
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
+
+/* The region every plan's offsets live in; 0 ok, -1 out of memory, -2 already set. */
+int lt_region_alloc(int64_t bytes) {
+    int r = 0;
+    pthread_mutex_lock(&mu);
+    if (region) {
+        r = -2;
+    } else if (bytes > 0) {
+        void *p = NULL;
+        if (backend == BACKEND_HOST) p = malloc((size_t)bytes);
+        else if (c_malloc(&p, (size_t)bytes)) { c_get_last_error(); p = NULL; }
+        if (!p) r = -1;
+        else { region = p; region_bytes = bytes; st[S_REGION] = bytes; }
+    }
+    pthread_mutex_unlock(&mu);
+    return r;
+}
+
+int64_t lt_region_base(void) { return (int64_t)(intptr_t)region; }
+
+/* offsets[k] < 0: request k is not planned; free_at[k]: the plan id of the window that frees it (check
+ * mode). Every planned block must lie inside the region. */
+int lt_set_plan(int id, int64_t n, const int64_t *size, const int64_t *offset, const int64_t *free_at) {
+    if (id < 0 || id >= MAX_PLANS || n < 0) return -1;
+    for (int64_t k = 0; k < n; k++)
+        if (offset[k] >= 0 && offset[k] + size[k] > region_bytes) return -2;
+    size_t bytes = (size_t)(n ? n : 1) * sizeof(int64_t);
+    int64_t *s = malloc(bytes), *o = malloc(bytes), *f = malloc(bytes);
+    if (!s || !o || !f) { free(s); free(o); free(f); return -3; }
+    memcpy(s, size, (size_t)n * sizeof(int64_t));
+    memcpy(o, offset, (size_t)n * sizeof(int64_t));
+    memcpy(f, free_at, (size_t)n * sizeof(int64_t));
+    pthread_mutex_lock(&mu);
+    free(plans[id].size); free(plans[id].offset); free(plans[id].free_at);
+    plans[id] = (plan_t){n, s, o, f};
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
+
+/* Opens a window (closing an open one); plan < 0: no plan, everything goes to the fallback. */
+int64_t lt_window_begin(int plan, stream_t stream) {
+    pthread_mutex_lock(&mu);
+    process_deferred(0);
+    win.active = 1;
+    win.plan = (plan >= 0 && plan < MAX_PLANS && plans[plan].size) ? plan : -1;
+    win.asked = plan;
+    win.off = 0;
+    win.k = 0;
+    win.stream = stream;
+    win.seq = next_seq++;
+    st[S_WINDOWS]++;
+    int64_t seq = win.seq;
+    pthread_mutex_unlock(&mu);
+    return seq;
+}
+
+void lt_window_end(void) {
+    pthread_mutex_lock(&mu);
+    if (win.active && check_mode && win.plan >= 0)
+        for (int64_t i = 0; i < nlive; i++)  /* blocks the plan says this window frees */
+            if (live[i].expect_free == win.plan) st[S_CHECK_LEAKED]++;
+    win.active = 0;
+    pthread_mutex_unlock(&mu);
+}
+
+static void *alloc_locked(size_t size, stream_t stream) {
+    process_deferred(0);
+    int64_t k = -1, window = -1, offset = -1, expect = -1;
+    if (win.active) {
+        k = win.k++;
+        window = win.seq;
+        if (win.plan >= 0) {
+            plan_t *p = &plans[win.plan];
+            if (win.off) st[S_AFTER_MISS]++;
+            else if (k >= p->n) { win.off = 1; st[S_MISS_LENGTH]++; }
+            else if ((int64_t)size != p->size[k]) { win.off = 1; st[S_MISS_SIZE]++; }
+            else if (p->offset[k] >= 0 && stream != win.stream) { win.off = 1; st[S_MISS_STREAM]++; }
+            else if (p->offset[k] >= 0) {
+                if (overlaps_live(p->offset[k], (int64_t)size)) st[S_REFUSED_OVERLAP]++;
+                else { offset = p->offset[k]; expect = p->free_at[k]; }
+            }
+        }
+    }
+    block_t *b = calloc(1, sizeof(block_t));
+    if (!b) return NULL;
+    void *ptr;
+    if (offset >= 0) {
+        ptr = region + offset;
+        if (live_add(offset, (int64_t)size, next_id, expect)) { free(b); return NULL; }
+        st[S_SERVED]++;
+    } else {
+        ptr = fallback_alloc(size, stream);
+        if (!ptr) {
+            /* everything deferred, then the pool's cached memory back to the device, then once more */
+            st[S_OOM_RETRIES]++;
+            process_deferred(1);
+            if (backend == BACKEND_CUDA) { c_device_sync(); c_pool_trim(pool, 0); }
+            ptr = fallback_alloc(size, stream);
+        }
+        if (!ptr) { free(b); return NULL; }
+        st[S_FALLBACK]++;
+    }
+    b->ptr = ptr; b->size = (int64_t)size; b->id = next_id++; b->window = window; b->offset = offset;
+    b->stream = stream;
+    b->expect_free = expect;
+    if (table_put(b)) { /* cannot track it: give it back rather than lose it */
+        if (offset >= 0) live_remove(b->id);
+        else if (backend == BACKEND_HOST) { host_reserved -= b->size; free(ptr); }
+        else c_free_async(ptr, stream);
+        free(b);
+        return NULL;
+    }
+    note_allocated((int64_t)size);
+    log_event(0, window, k, (int64_t)size, win.active && stream == win.stream, b->id);
+    return ptr;
+}
+
+void *lt_malloc(size_t size, int device, stream_t stream) {
+    (void)device;
+    if (size == 0) return NULL;
+    pthread_mutex_lock(&mu);
+    void *p = alloc_locked(size, stream);
+    st[S_PLANNED_LIVE] = live_bytes;
+    pthread_mutex_unlock(&mu);
+    return p;
+}
+
+void lt_free(void *ptr, size_t size, int device, stream_t stream) {
+    (void)size; (void)device; (void)stream;
+    if (!ptr) return;
+    pthread_mutex_lock(&mu);
+    block_t *b = table_take(ptr);
+    if (!b) { st[S_UNKNOWN_FREE]++; pthread_mutex_unlock(&mu); return; }
+    /* allocated bytes drop now (as torch counts them); the memory itself waits for other streams */
+    note_allocated(-b->size);
+    int other_streams = b->nrec || b->rec_overflow;
+    log_event(1, win.active ? win.seq : -1, -1, b->size, other_streams, b->id);
+    if (check_mode && b->offset >= 0 && (!win.active || win.asked != b->expect_free)) st[S_CHECK_LIFETIME]++;
+    if (other_streams) {
+        if (ndeferred == deferred_cap) {
+            int64_t cap = deferred_cap ? deferred_cap * 2 : 64;
+            deferred_t *n = realloc(deferred, (size_t)cap * sizeof(deferred_t));
+            if (!n) { /* no room to defer: wait for the device instead */
+                if (backend == BACKEND_CUDA) c_device_sync();
+                release(b);
+                goto out;
+            }
+            deferred = n;
+            deferred_cap = cap;
+        }
+        deferred_t d = {b, 0, {0}};
+        if (b->rec_overflow) {
+            if (backend == BACKEND_CUDA) c_device_sync();
+        } else {
+            for (int i = 0; i < b->nrec; i++) {
+                void *ev = NULL;
+                if (backend == BACKEND_HOST) ev = (void *)(intptr_t)(++host_tickets);
+                else if (c_event_create(&ev, EVENT_DISABLE_TIMING) || c_event_record(ev, b->rec[i])) {
+                    c_get_last_error();
+                    c_device_sync();
+                    if (ev) c_event_destroy(ev);
+                    continue; /* synchronised: this stream is done with the block */
+                }
+                d.ev[d.nev++] = ev;
+            }
+        }
+        deferred[ndeferred++] = d;
+        st[S_DEFERRED] = ndeferred;
+        process_deferred(0);
+    } else {
+        release(b);
+    }
+out:
+    st[S_PLANNED_LIVE] = live_bytes;
+    pthread_mutex_unlock(&mu);
+}
+
+void lt_record_stream(void *ptr, stream_t stream) {
+    pthread_mutex_lock(&mu);
+    int64_t at = table_find(ptr);
+    if (at >= 0) {
+        block_t *b = table[at];
+        int seen = stream == b->stream;
+        for (int i = 0; i < b->nrec && !seen; i++) seen = b->rec[i] == stream;
+        if (!seen) {
+            if (b->nrec < MAX_STREAMS) b->rec[b->nrec++] = stream;
+            else b->rec_overflow = 1;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+void lt_set_record(int on) { pthread_mutex_lock(&mu); recording = on; pthread_mutex_unlock(&mu); }
+void lt_set_check(int on) { pthread_mutex_lock(&mu); check_mode = on; pthread_mutex_unlock(&mu); }
+int64_t lt_record_len(void) { return rec_len; }
+const int64_t *lt_record_data(void) { return rec; }
+void lt_record_clear(void) { pthread_mutex_lock(&mu); rec_len = 0; pthread_mutex_unlock(&mu); }
+
+/* allocated and reserved bytes now and at their peaks, plan counters (the S_* order) */
+int lt_stats(int64_t *out, int n) {
+    pthread_mutex_lock(&mu);
+    st[S_RESERVED] = region_bytes + pool_reserved(ATTR_RESERVED_CURRENT);
+    st[S_RESERVED_PEAK] = region_bytes + pool_reserved(ATTR_RESERVED_HIGH);
+    int m = n < S_N ? n : S_N;
+    memcpy(out, st, (size_t)m * sizeof(int64_t));
+    pthread_mutex_unlock(&mu);
+    return S_N;
+}
+
+void lt_reset_peaks(void) {
+    pthread_mutex_lock(&mu);
+    st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
+    if (backend == BACKEND_CUDA) {
+        uint64_t zero = 0;
+        if (c_pool_set(pool, ATTR_RESERVED_HIGH, &zero)) c_get_last_error();
+    } else {
+        host_reserved_peak = host_reserved;
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+/* host backend only: every event recorded so far completes */
+void lt_host_complete_events(void) { pthread_mutex_lock(&mu); host_done = host_tickets; pthread_mutex_unlock(&mu); }
+
+/* Frees whose events completed go back now; with wait, after a device synchronisation. */
+void lt_flush(int wait) { pthread_mutex_lock(&mu); process_deferred(wait); pthread_mutex_unlock(&mu); }
+
+/* torch.cuda.empty_cache(): deferred frees after a device synchronisation, then the fallback pool's
+ * unused memory back to the device (the plan's region stays: it is in use by design). */
+void lt_empty_cache(void) {
+    pthread_mutex_lock(&mu);
+    process_deferred(1);
+    if (backend == BACKEND_CUDA) {
+        c_device_sync();
+        if (c_pool_trim(pool, 0)) c_get_last_error();
+    }
+    pthread_mutex_unlock(&mu);
+}

@@ -1,0 +1,538 @@
+"""The planned runtime: serves level-1 plans on the GPU (`memory.planner.enabled`).
+
+How it works (docs/memory-planner.md, "The runtime"):
+
+1. `install_cuda_allocator` replaces the process's CUDA allocator, before CUDA allocates anything, with
+   the C core `_alloc.c` (compiled once with the system C compiler, cached) through a small C++ shim
+   built with `torch.utils.cpp_extension` against the torch that runs. The shim wires torch's pluggable
+   allocator to the core's malloc/free *and* its `record_stream` hook (the Python API binds only malloc
+   and free), turns a failed allocation into torch's OutOfMemoryError, and answers
+   `torch.cuda.memory_stats()` and `empty_cache()` (so `max_memory_allocated`, `max_memory_reserved` and their reset, which
+   the pluggable allocator refuses, report the core's bytes: the region plus the fallback pool).
+2. `attach_windows` hooks every decoder layer (outermost, after the activation policy) so that
+   its forward and its backward are *windows* of the core: begin/end around the forward; the backward
+   window opens when the layer's output gradient arrives and closes when its input gradient is made.
+3. One training iteration (`record_iteration`, default the second: the first allocates gradients,
+   optimizer state and host buffers once) is recorded; at the start of the next one the plans are made:
+   per window, the requests allocated and freed inside it on its stream are *transient* and get a
+   level-1 plan (`solve_plan`, 512-byte alignment); windows with the same requests share a plan; one
+   region of the largest plan's peak is allocated. From then on every window replays its plan.
+
+What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
+live planned block overlaps it; a request whose size, stream or position differs from the plan turns
+the plan off for the rest of its window (counted, warned once with the reason); memory used by another
+stream is reused only after that stream is done with it. The normal fallback for everything not planned
+is CUDA's stream-ordered allocator (cudaMallocAsync), not torch's caching allocator: a process has one
+allocator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from longtrain.memory.planner.core import MemoryPlan, Request, solve_plan
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("_alloc.c")
+ALIGNMENT = 512
+
+STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "served", "miss_size", "miss_length",
+              "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
+              "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LONGTRAIN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "longtrain")
+    return Path(root)
+
+
+def build_core() -> Path:
+    """The compiled core (cached by source hash; built atomically, so ranks may race safely)."""
+    src = _SRC.read_bytes()
+    out = _cache_dir() / f"liblongtrain_alloc-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cc = os.environ.get("CC", "cc")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(_SRC), "-ldl", "-lpthread"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        os.unlink(tmp)
+        raise RuntimeError(f"the planned allocator needs a C compiler: `{cc}` was not found (set CC)") from None
+    if r.returncode:
+        os.unlink(tmp)
+        raise RuntimeError(f"building the planned allocator failed ({' '.join(cmd)}):\n{r.stderr.strip()}")
+    os.replace(tmp, out)
+    return out
+
+
+class Core:
+    """ctypes view of one loaded `_alloc.c` (a process has one; the CPU tests load copies)."""
+
+    def __init__(self, path: str | Path):
+        self.lib = lib = ctypes.CDLL(str(path))
+        i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        sig = {"lt_init_host": (i32, []), "lt_init_cuda": (i32, [ctypes.c_char_p, i32]),
+               "lt_region_alloc": (i32, [i64]), "lt_region_base": (i64, []),
+               "lt_set_plan": (i32, [i32, i64, ctypes.POINTER(i64), ctypes.POINTER(i64), ctypes.POINTER(i64)]),
+               "lt_window_begin": (i64, [i32, vp]), "lt_window_end": (None, []),
+               "lt_malloc": (vp, [ctypes.c_size_t, i32, vp]), "lt_free": (None, [vp, ctypes.c_size_t, i32, vp]),
+               "lt_record_stream": (None, [vp, vp]), "lt_set_record": (None, [i32]), "lt_set_check": (None, [i32]),
+               "lt_record_len": (i64, []), "lt_record_data": (ctypes.POINTER(i64), []),
+               "lt_record_clear": (None, []), "lt_stats": (i32, [ctypes.POINTER(i64), i32]),
+               "lt_reset_peaks": (None, []), "lt_host_complete_events": (None, []), "lt_flush": (None, [i32]),
+               "lt_empty_cache": (None, [])}
+        for name, (res, args) in sig.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+
+    def address(self, name: str) -> int:
+        return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
+
+    def set_plan(self, plan_id: int, sizes: list[int], offsets: list[int], free_at: list[int] | None = None) -> None:
+        n = len(sizes)
+        arr = ctypes.c_int64 * max(n, 1)
+        free_at = [plan_id] * n if free_at is None else free_at
+        r = self.lib.lt_set_plan(plan_id, n, arr(*sizes), arr(*offsets), arr(*free_at))
+        if r:
+            raise ValueError(f"plan {plan_id} refused by the allocator core (code {r}: -2 = outside the region)")
+
+    def window_begin(self, plan_id: int, stream: int) -> int:
+        return self.lib.lt_window_begin(plan_id, stream)
+
+    def window_end(self) -> None:
+        self.lib.lt_window_end()
+
+    def malloc(self, size: int, stream: int = 0) -> int:
+        return self.lib.lt_malloc(size, 0, stream) or 0
+
+    def free(self, ptr: int, stream: int = 0) -> None:
+        self.lib.lt_free(ptr, 0, 0, stream)
+
+    def record_stream(self, ptr: int, stream: int) -> None:
+        self.lib.lt_record_stream(ptr, stream)
+
+    def region_base(self) -> int:
+        return self.lib.lt_region_base()
+
+    def events(self) -> list[tuple[int, int, int, int, int, int]]:
+        """(type 0 alloc / 1 free, window, k, size, flag, block id) per recorded event; the flag is "on the
+        window's stream" for an allocation, "used by another stream" for a free."""
+        n = self.lib.lt_record_len()
+        data = self.lib.lt_record_data()
+        flat = [data[i] for i in range(6 * n)] if n else []
+        return [tuple(flat[6 * i:6 * i + 6]) for i in range(n)]
+
+    def stats(self) -> dict[str, int]:
+        buf = (ctypes.c_int64 * len(STAT_NAMES))()
+        self.lib.lt_stats(buf, len(STAT_NAMES))
+        return dict(zip(STAT_NAMES, buf))
+
+
+def host_core() -> Core:
+    """A private copy of the core on the host backend (malloc, simulated events): for tests."""
+    src = build_core()
+    fd, path = tempfile.mkstemp(suffix=".so")  # a copy: dlopen would hand back the same library otherwise
+    os.close(fd)
+    Path(path).write_bytes(src.read_bytes())
+    core = Core(path)
+    os.unlink(path)
+    core.lib.lt_init_host()
+    return core
+
+
+# ---- plans from a recorded iteration ----------------------------------------------------------------
+
+Window = tuple[str, int]  # ("fwd" | "bwd", layer) for a layer pass, ("gap", -1) for what runs between passes
+
+
+@dataclass
+class IterationPlan:
+    """MEMO's two levels over one recorded iteration, as the core replays them: position p of the
+    iteration's window sequence gets plan id p."""
+    layout: list[Window]  # the windows of the iteration, in order
+    sizes: list[list[int]]  # per window: its requests' sizes, in order
+    offsets: list[list[int]]  # per window: region offset per request, -1: the fallback serves it
+    free_at: list[list[int]]  # per window: the position of the window that frees each planned request
+    level1: dict[int, MemoryPlan]  # per layer-pass position: its transients
+    level2: MemoryPlan | None  # the iteration: one block per layer pass + the requests that cross windows
+
+    @property
+    def region_bytes(self) -> int:
+        return self.level2.peak_bytes if self.level2 else 0
+
+    def planned(self) -> int:
+        return sum(o >= 0 for offs in self.offsets for o in offs)
+
+
+def plan_iteration(events, layout: list[Window], seqs: list[int], *, time_limit_s: float = 60.0) -> IterationPlan:
+    """Plans one recorded iteration (`events` of the core's record, windows `seqs` in order, `layout[p]`
+    what window p was).
+
+    A request is planned when it is allocated on its window's stream, freed inside the iteration and used
+    by no other stream (`record_stream`: a swap's D2H copy reads it, so its memory is busy past the free).
+    Level 1: per layer pass, the requests it allocates and frees itself (its transients), on one plan;
+    passes with the same requests share the solve. Level 2: the iteration, where every layer pass is one
+    block of its level-1 peak over its span and every other planned request (skeletal tensors kept for
+    backward, layer outputs, gradients between layers, what runs between the passes) is a request of its
+    own. A transient's address is its pass's block offset plus its level-1 offset."""
+    pos_of = {seq: p for p, seq in enumerate(seqs)}
+    n = len(seqs)
+    sizes: list[list[int]] = [[] for _ in range(n)]
+    span = [[-1, -1] for _ in range(n)]
+    blocks: dict[int, list] = {}  # id -> [pos, k, size, on stream, t alloc, pos free, t free, other stream]
+    t = 0
+    for typ, win, k, size, flag, bid in events:
+        p = pos_of.get(win)
+        if p is None:
+            continue
+        if span[p][0] < 0:
+            span[p][0] = t
+        span[p][1] = t + 1
+        if typ == 0:
+            if k != len(sizes[p]):
+                raise ValueError(f"window {p} ({layout[p]}): request {k} recorded as number {len(sizes[p])}")
+            sizes[p].append(size)
+            blocks[bid] = [p, k, size, bool(flag), t, -1, -1, False]
+        elif bid in blocks:
+            blocks[bid][5:8] = [p, t, bool(flag)]
+        t += 1
+    transients: dict[int, list] = {}
+    crossing = []
+    for p, k, size, on_stream, t0, fp, t1, other in blocks.values():
+        if not on_stream or fp < 0 or other:
+            continue
+        if fp == p and layout[p][0] != "gap":
+            transients.setdefault(p, []).append((k, size, t0, t1))
+        else:
+            crossing.append((p, k, fp, Request(size, t0, t1)))
+    level1: dict[int, MemoryPlan] = {}
+    offs1: dict[int, dict[int, int]] = {}
+    solved: dict[tuple, tuple[MemoryPlan, list[int]]] = {}
+    for p, reqs in sorted(transients.items()):
+        reqs.sort()
+        base = span[p][0]
+        sig = tuple((size, t0 - base, t1 - base) for _, size, t0, t1 in reqs)
+        if sig not in solved:
+            plan = solve_plan([Request(*r) for r in sig], time_limit_s, alignment=ALIGNMENT,
+                              info=dict(level=1, window=list(layout[p])))
+            solved[sig] = (plan, plan.offsets)
+        level1[p] = solved[sig][0]
+        offs1[p] = {k: o for (k, *_), o in zip(reqs, solved[sig][1])}
+    reqs2 = [Request(level1[p].peak_bytes, span[p][0], span[p][1]) for p in sorted(level1)]
+    names = [f"{layout[p][0]}{layout[p][1]}" for p in sorted(level1)]
+    reqs2 += [r for *_, r in crossing]
+    names += [f"{layout[p][0]}{layout[p][1]}:{k}" for p, k, _, _ in crossing]
+    level2 = None
+    offsets = [[-1] * len(x) for x in sizes]
+    free_at = [[-1] * len(x) for x in sizes]
+    if reqs2:
+        level2 = solve_plan(reqs2, time_limit_s, alignment=ALIGNMENT, names=names,
+                            info=dict(level=2, windows=n, layer_passes=len(level1), crossing=len(crossing)))
+        block = dict(zip(sorted(level1), level2.offsets))
+        for p, ks in offs1.items():
+            for k, o in ks.items():
+                offsets[p][k], free_at[p][k] = block[p] + o, p
+        for (p, k, fp, _), o in zip(crossing, level2.offsets[len(level1):]):
+            offsets[p][k], free_at[p][k] = o, fp
+    return IterationPlan(list(layout), sizes, offsets, free_at, level1, level2)
+
+
+# ---- the runtime: windows around the layers ---------------------------------------------------------
+
+@dataclass
+class PlanRuntime:
+    """Opens the core's windows (layer passes, and the gaps between them) and turns one recorded
+    iteration into the plans every later iteration replays."""
+    core: Core
+    device: torch.device
+    record_iteration: int = 1  # which iteration (0-based, grad-enabled forwards of layer 0) is recorded
+    time_limit_s: float = 60.0
+    check: bool = False
+    stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
+    iteration: int = -1
+    state: str = "warmup"  # warmup -> recording -> replay (or off)
+    plan: IterationPlan | None = None
+    open_window: Window | None = None  # the layer pass open now (None: a gap or nothing)
+    pos: int = 0  # position of the next window in the iteration
+    recorded: list = field(default_factory=list)  # (seq, window) of the recording iteration
+    layout_misses: int = 0
+    warned: set = field(default_factory=set)
+
+    def __post_init__(self):
+        self.core.lib.lt_set_check(int(self.check))
+        if self.stream_of is None:
+            self.stream_of = lambda: torch.cuda.current_stream(self.device).cuda_stream
+
+    def begin(self, layer: int, kind: str) -> None:
+        if kind == "fwd" and layer == 0:
+            self._next_iteration()
+        self._open((kind, layer))
+        self.open_window = (kind, layer)
+
+    def end(self, layer: int, kind: str) -> None:
+        if self.open_window == (kind, layer):
+            self.open_window = None
+            self._open(("gap", -1))  # what runs until the next pass is a window too (level 2 plans it)
+
+    def _open(self, window: Window) -> None:
+        p, pid = self.pos, -1
+        self.pos += 1
+        if self.state == "replay":
+            if p < len(self.plan.layout) and self.plan.layout[p] == window:
+                pid = p
+            else:
+                self.layout_misses += 1
+        seq = self.core.window_begin(pid, self.stream_of())
+        if self.state == "recording":
+            self.recorded.append((seq, window))
+
+    def _next_iteration(self) -> None:
+        self.iteration += 1
+        self.pos = 0
+        if self.state == "recording":
+            self.core.lib.lt_set_record(0)
+            self._make_plans()
+        elif self.state == "warmup" and self.iteration == self.record_iteration:
+            self.core.lib.lt_record_clear()
+            self.core.lib.lt_set_record(1)
+            self.state = "recording"
+        self.warn_misses()
+
+    def _make_plans(self) -> None:
+        events = self.core.events()
+        self.core.lib.lt_record_clear()
+        seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
+        try:
+            plan = plan_iteration(events, layout, seqs, time_limit_s=self.time_limit_s)
+        except ValueError as e:
+            self.state = "off"
+            log.warning("memory plan: cannot plan the recorded iteration (%s); the fallback allocator serves "
+                        "everything", e)
+            return
+        if not plan.region_bytes:
+            self.state = "off"
+            log.warning("memory plan: the recorded iteration has no request to plan; the fallback allocator "
+                        "serves everything")
+            return
+        self.core.lib.lt_empty_cache()  # the fallback pool's cached memory back first: the region needs it
+        r = self.core.lib.lt_region_alloc(plan.region_bytes)
+        if r:
+            self.state = "off"
+            log.warning("memory plan: the %.2f GiB region could not be allocated (code %d); the fallback "
+                        "allocator serves everything", plan.region_bytes / 2**30, r)
+            return
+        for p in range(len(plan.layout)):
+            self.core.set_plan(p, plan.sizes[p], plan.offsets[p], plan.free_at[p])
+        self.plan, self.state = plan, "replay"
+        log.info("memory plan: %s", self.summary())
+
+    def summary(self) -> str:
+        p = self.plan
+        if p is None:
+            return f"no plan ({self.state})"
+        l1 = sorted({id(x): x for x in p.level1.values()}.values(), key=lambda x: -x.peak_bytes)
+        worst1 = max((x.peak_bytes / max(x.lower_bound_bytes, 1) for x in l1), default=1.0)
+        l2 = p.level2
+        return (f"region {p.region_bytes / 2**30:.3f} GiB for {p.planned():,} of the iteration's "
+                f"{sum(map(len, p.sizes)):,} requests in {len(p.layout)} windows; level 1: {len(p.level1)} layer "
+                f"passes, {len(l1)} distinct plans, largest peak {l1[0].peak_bytes / 2**30 if l1 else 0:.3f} GiB, "
+                f"worst peak/lower bound {worst1:.4f}; level 2: {len(l2.requests)} requests, peak "
+                f"{l2.peak_bytes / 2**30:.3f} GiB, lower bound {l2.lower_bound_bytes / 2**30:.3f} GiB "
+                f"(ratio {l2.ratio:.4f}, {l2.solver})")
+
+    def warn_misses(self) -> None:
+        s = self.core.stats()
+        s["layout"] = self.layout_misses
+        reasons = {"miss_size": "a request's size differs from the plan (shape or sequence length changed)",
+                   "miss_length": "a window made more requests than were recorded",
+                   "miss_stream": "a planned request came on another stream",
+                   "refused_overlap": "a planned offset was still in use (a tensor outlived its recorded lifetime)",
+                   "layout": "the iteration's layer passes differ from the recorded ones",
+                   "check_lifetime": "check: a planned block was freed in another window than planned",
+                   "check_leaked": "check: a planned block was still live when the window that frees it ended"}
+        for key, why in reasons.items():
+            if s[key] and key not in self.warned:
+                self.warned.add(key)
+                log.warning("memory plan: %s (%d times so far); those requests and the rest of their window went "
+                            "to the fallback allocator", why, s[key])
+
+
+class _BackwardBegins(torch.autograd.Function):
+    """Identity on the layer's output; its backward opens the layer's backward window."""
+
+    @staticmethod
+    def forward(ctx, rt, layer, x):
+        ctx.rt, ctx.layer = rt, layer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.rt.begin(ctx.layer, "bwd")
+        return None, None, g
+
+
+class _BackwardEnds(torch.autograd.Function):
+    """Identity on the layer's input; its backward closes the layer's backward window."""
+
+    @staticmethod
+    def forward(ctx, rt, layer, x):
+        ctx.rt, ctx.layer = rt, layer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.rt.end(ctx.layer, "bwd")
+        return None, None, g
+
+
+def _in_backward() -> bool:
+    """True inside an autograd backward (a checkpoint recomputing a layer's forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def attach_windows(layers: nn.ModuleList, runtime: PlanRuntime) -> None:
+    """Make each layer's forward and backward a window of `runtime`, by forward hooks (outermost: they
+    fire around whatever wraps the layer; module names and state dicts are unchanged). A forward run
+    inside a backward (a recomputation) is part of that backward's window; eval forwards (no grad) are
+    no window at all."""
+    for i, layer in enumerate(layers):
+        opened = []
+
+        def pre(_mod, args, kwargs, i=i, opened=opened):
+            rt = runtime
+            if not torch.is_grad_enabled() or rt.state == "off" or _in_backward():
+                opened.append(False)
+                return None
+            x, *rest = args
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                args = (_BackwardEnds.apply(rt, i, x), *rest)
+            rt.begin(i, "fwd")
+            opened.append(True)
+            return args, kwargs
+
+        def post(_mod, _args, _kwargs, out, i=i, opened=opened):
+            if not (opened and opened.pop()):
+                return None
+            runtime.end(i, "fwd")
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                return _BackwardBegins.apply(runtime, i, out)
+            return None
+
+        layer.register_forward_pre_hook(pre, with_kwargs=True)
+        layer.register_forward_hook(post, with_kwargs=True)
+
+
+# ---- the process's CUDA allocator -------------------------------------------------------------------
+
+_SHIM = r"""
+#include <torch/extension.h>
+#include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+
+namespace P = torch::cuda::CUDAPluggableAllocator;
+using AllocFn = void* (*)(size_t, int, void*);
+using FreeFn = void (*)(void*, size_t, int, void*);
+using RecordFn = void (*)(void*, void*);
+using StatsFn = int (*)(int64_t*, int);
+using ResetFn = void (*)();
+using EmptyFn = void (*)();
+
+// torch's pluggable allocator with the core's statistics behind torch.cuda.memory_stats() and friends
+// (DeepSpeed, the trainer's metrics and the benchmarks read them).
+struct LongtrainAllocator : P::CUDAPluggableAllocator {
+  StatsFn stats;
+  ResetFn reset;
+  LongtrainAllocator(std::function<void*(size_t, int, cudaStream_t)> a,
+                     std::function<void(void*, size_t, int, cudaStream_t)> f, StatsFn s, ResetFn r)
+      : P::CUDAPluggableAllocator(std::move(a), std::move(f)), stats(s), reset(r) {}
+  c10::CachingDeviceAllocator::DeviceStats getDeviceStats(c10::DeviceIndex) override {
+    int64_t v[64] = {0};
+    stats(v, 64);
+    c10::CachingDeviceAllocator::DeviceStats d;
+    for (size_t i = 0; i < d.allocated_bytes.size(); i++) {
+      d.allocated_bytes[i].current = d.active_bytes[i].current = d.requested_bytes[i].current = i ? 0 : v[0];
+      d.allocated_bytes[i].peak = d.active_bytes[i].peak = d.requested_bytes[i].peak = i ? 0 : v[1];
+      d.reserved_bytes[i].current = i ? 0 : v[2];
+      d.reserved_bytes[i].peak = i ? 0 : v[3];
+    }
+    d.num_alloc_retries = v[15];
+    return d;
+  }
+  void resetPeakStats(c10::DeviceIndex) override { reset(); }
+  void resetAccumulatedStats(c10::DeviceIndex) override {}
+};
+
+void install(int64_t alloc_addr, int64_t free_addr, int64_t record_addr, int64_t stats_addr, int64_t reset_addr,
+             int64_t empty_addr) {
+  auto af = reinterpret_cast<AllocFn>(alloc_addr);
+  auto ff = reinterpret_cast<FreeFn>(free_addr);
+  auto rf = reinterpret_cast<RecordFn>(record_addr);
+  auto alloc = std::make_shared<LongtrainAllocator>(
+      [af](size_t n, int dev, cudaStream_t s) -> void* {
+        void* p = af(n, dev, reinterpret_cast<void*>(s));
+        TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr || n == 0,
+                         "CUDA out of memory (longtrain planned allocator): ", n, " bytes could not be allocated");
+        return p;
+      },
+      [ff](void* p, size_t n, int dev, cudaStream_t s) { ff(p, n, dev, reinterpret_cast<void*>(s)); },
+      reinterpret_cast<StatsFn>(stats_addr), reinterpret_cast<ResetFn>(reset_addr));
+  alloc->set_record_stream_fn([rf](void* p, cudaStream_t s) { rf(p, reinterpret_cast<void*>(s)); });
+  alloc->set_reset_fn(reinterpret_cast<EmptyFn>(empty_addr));  // torch.cuda.empty_cache()
+  P::changeCurrentAllocator(alloc);
+}
+"""
+
+_ACTIVE: Core | None = None
+
+
+def _cudart_path() -> str:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            path = line.split()[-1]
+            if "libcudart.so" in os.path.basename(path):
+                return path
+    raise RuntimeError("the CUDA runtime library (libcudart) is not loaded by this torch")
+
+
+def install_cuda_allocator(device_index: int = 0) -> Core:
+    """Make the planned allocator this process's CUDA allocator (before CUDA allocates anything)."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        return _ACTIVE
+    if torch.cuda.is_initialized():
+        raise RuntimeError("the planned allocator must be installed before CUDA starts; it started already")
+    core = Core(build_core())
+    r = core.lib.lt_init_cuda(_cudart_path().encode(), device_index)
+    if r:
+        raise RuntimeError(f"the planned allocator could not use the CUDA runtime (code {r})")
+    from torch.utils.cpp_extension import load_inline
+    log.info("building the planned allocator's torch shim (once per torch version; about a minute)")
+    shim = load_inline(name=f"longtrain_alloc_shim_{hashlib.sha256(_SHIM.encode()).hexdigest()[:10]}",
+                       cpp_sources=[_SHIM], functions=["install"], with_cuda=True, verbose=False)
+    shim.install(core.address("lt_malloc"), core.address("lt_free"), core.address("lt_record_stream"),
+                 core.address("lt_stats"), core.address("lt_reset_peaks"), core.address("lt_empty_cache"))
+    _ACTIVE = core
+    return core
+
+
+def active_core() -> Core | None:
+    return _ACTIVE
+
+
+__all__ = ["Core", "IterationPlan", "PlanRuntime", "active_core", "attach_windows", "build_core", "host_core",
+           "install_cuda_allocator", "plan_iteration"]

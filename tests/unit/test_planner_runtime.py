@@ -1,0 +1,323 @@
+"""The planned allocator's C core (`_alloc.c`) on its host backend, and the runtime's windows and plans.
+
+The core is the code the GPU runs: the host backend only swaps cudaMallocAsync/cudaMalloc for malloc and
+CUDA events for tickets a test completes. The GPU half (torch's allocator replaced) is tests/gpu."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from longtrain.memory.planner.runtime import ALIGNMENT, PlanRuntime, attach_windows, host_core, plan_iteration
+
+S1, S2 = 1, 2  # stream handles
+
+
+@pytest.fixture
+def core():
+    return host_core()
+
+
+def _region(core, nbytes):
+    assert core.lib.lt_region_alloc(nbytes) == 0
+    return core.region_base()
+
+
+def test_replay_serves_planned_offsets_and_falls_back_for_the_rest(core):
+    base = _region(core, 4096)
+    core.set_plan(0, [1024, 512, 2048], [0, -1, 1024])
+    core.window_begin(0, S1)
+    a, b, c = core.malloc(1024, S1), core.malloc(512, S1), core.malloc(2048, S1)
+    assert a == base and c == base + 1024
+    assert not base <= b < base + 4096  # unplanned: the fallback
+    s = core.stats()
+    assert (s["served"], s["fallback"], s["allocated"]) == (2, 1, 3584)
+    for p in (a, b, c):
+        core.free(p, S1)
+    core.window_end()
+    assert core.stats()["allocated"] == 0 and core.stats()["allocated_peak"] == 3584
+
+
+def test_size_mismatch_turns_the_plan_off_for_the_rest_of_the_window(core):
+    base = _region(core, 4096)
+    core.set_plan(0, [1024, 1024, 1024], [0, 1024, 2048])
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)
+    b = core.malloc(999, S1)  # another shape
+    c = core.malloc(1024, S1)  # would match slot 2, but the alignment is lost: no guessing
+    assert a == base and not base <= b < base + 4096 and not base <= c < base + 4096
+    s = core.stats()
+    assert (s["served"], s["miss_size"], s["after_miss"]) == (1, 1, 1)
+    core.window_end()
+    core.window_begin(0, S1)  # the next window replays again
+    d = core.malloc(1024, S1)
+    assert not base <= d < base + 1024  # slot 0 is still held by `a`: refused, not handed out twice
+    assert core.stats()["refused_overlap"] == 1
+    e = core.malloc(1024, S1)
+    assert e == base + 1024
+
+
+def test_more_requests_than_planned_and_other_stream(core):
+    base = _region(core, 2048)
+    core.set_plan(0, [1024], [0])
+    core.window_begin(0, S1)
+    core.malloc(1024, S1)
+    core.malloc(1024, S1)
+    assert core.stats()["miss_length"] == 1
+    core.window_begin(0, S1)  # closes the open window
+    p = core.malloc(1024, S2)  # the window's stream is S1
+    assert not base <= p < base + 2048 and core.stats()["miss_stream"] == 1
+
+
+def test_plan_outside_the_region_is_refused(core):
+    _region(core, 1024)
+    with pytest.raises(ValueError, match="outside the region"):
+        core.set_plan(0, [1024], [512])
+
+
+def test_record_stream_defers_the_free_until_the_other_stream_is_done(core):
+    base = _region(core, 1024)
+    core.set_plan(0, [1024], [0])
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)
+    core.record_stream(a, S2)  # a side stream (a D2H copy) reads it
+    core.free(a, S1)
+    assert core.stats()["deferred"] == 1 and core.stats()["allocated"] == 0  # freed, as torch counts it
+    core.window_begin(0, S1)
+    b = core.malloc(1024, S1)
+    assert b != base  # still in use by S2: the plan's offset is refused
+    core.lib.lt_host_complete_events()
+    core.window_begin(0, S1)
+    c = core.malloc(1024, S1)  # the deferred free is processed first
+    assert c == base and core.stats()["deferred"] == 0
+
+
+def test_record_mode_logs_allocations_and_frees(core):
+    core.lib.lt_set_record(1)
+    seq = core.window_begin(-1, S1)
+    a = core.malloc(100, S1)
+    b = core.malloc(200, S2)
+    core.free(a, S1)
+    core.window_end()
+    core.free(b, S2)
+    ev = core.events()
+    assert [(e[0], e[1], e[2], e[3], e[4]) for e in ev] == [
+        (0, seq, 0, 100, 1), (0, seq, 1, 200, 0), (1, seq, -1, 100, 0), (1, -1, -1, 200, 0)]
+    plan = plan_iteration(ev, [("fwd", 0)], [seq])
+    assert plan.sizes == [[100, 200]] and plan.offsets[0][1] == -1  # b: another stream, outlives the window
+    assert plan.offsets[0][0] >= 0 and plan.level1[0].requests[0].size == 100
+    core.lib.lt_record_clear()
+    seq = core.window_begin(-1, S1)
+    c = core.malloc(300, S1)
+    core.record_stream(c, S2)  # read by a copy stream: busy after its free, so not planned
+    core.free(c, S1)
+    ev = core.events()
+    assert ev[-1][4] == 1 and plan_iteration(ev, [("fwd", 0)], [seq]).offsets == [[-1]]
+
+
+def test_check_mode_counts_lifetimes_that_break_the_plan(core):
+    _region(core, 2048)
+    core.lib.lt_set_check(1)
+    core.set_plan(0, [1024, 1024], [0, 1024])
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)
+    core.malloc(1024, S1)
+    core.free(a, S1)
+    core.window_end()  # the second block is still live
+    assert core.stats()["check_leaked"] == 1
+    core.window_begin(-1, S1)
+    assert core.stats()["check_lifetime"] == 0
+
+
+def test_unknown_free_is_counted_not_crashed(core):
+    core.free(12345, S1)
+    assert core.stats()["unknown_free"] == 1
+
+
+def _random_window(rng, n):
+    """n requests; each freed after 0-4 later requests (some outlive the window)."""
+    ops, live = [], []
+    for k in range(n):
+        ops.append(("a", k, rng.choice([512, 1024, 1536, 4096, 8192])))
+        live.append((k, rng.randint(0, 4)))
+        keep = []
+        for j, left in live:
+            if left == 0:
+                ops.append(("f", j, 0))
+            else:
+                keep.append((j, left - 1))
+        live = keep
+    return ops, [j for j, _ in live]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_replay_never_hands_out_live_memory(core, seed):
+    """Record a random window, plan it, replay it with perturbations (late frees, a changed size, blocks
+    kept across windows): no two live blocks ever overlap, planned ones lie in the region."""
+    rng = random.Random(seed)
+    ops, survivors = _random_window(rng, 30)
+    core.lib.lt_set_record(1)
+    seq = core.window_begin(-1, S1)
+    ptr = {}
+    for op, k, size in ops:
+        if op == "a":
+            ptr[k] = core.malloc(size, S1)
+        else:
+            core.free(ptr.pop(k), S1)
+    core.window_end()
+    for k in list(ptr):
+        core.free(ptr.pop(k), S1)
+    core.lib.lt_set_record(0)
+    ip = plan_iteration(core.events(), [("fwd", 0)], [seq])
+    assert ip.level1[0].peak_bytes >= ip.level1[0].lower_bound_bytes
+    peak = ip.region_bytes
+    base = _region(core, peak)
+    core.set_plan(0, ip.sizes[0], ip.offsets[0], ip.free_at[0])
+    live: dict[int, int] = {}  # ptr -> size, over all windows
+
+    def check_new(p, size):
+        for q, s in live.items():
+            assert not (q < p + size and p < q + s), "memory handed out twice"
+        live[p] = size
+
+    held = []
+    for rnd in range(6):
+        core.window_begin(0, S1)
+        ptr = {}
+        late = set(rng.sample(range(30), 3)) if rnd % 2 else set()
+        bad = rng.randrange(30) if rnd == 3 else -1
+        for op, k, size in ops:
+            if op == "a":
+                size = size + 512 if k == bad else size
+                p = core.malloc(size, S1)
+                check_new(p, size)
+                if base <= p < base + peak:
+                    assert p + size <= base + peak
+                ptr[k] = (p, size)
+            elif k not in late:
+                p, _ = ptr.pop(k)
+                del live[p]
+                core.free(p, S1)
+        core.window_end()
+        for k, (p, _) in list(ptr.items()):
+            if rng.random() < 0.5:
+                held.append(p)  # kept into the next windows
+            else:
+                del live[p]
+                core.free(p, S1)
+        if rnd >= 4:
+            for p in held:
+                del live[p]
+                core.free(p, S1)
+            held = []
+    assert core.stats()["served"] > 0
+
+
+# ---- the runtime's windows around layers, on CPU with simulated device requests --------------------
+
+class _Requests(torch.autograd.Function):
+    """Makes a fixed pattern of core requests in forward and backward, like a layer's temporaries."""
+
+    @staticmethod
+    def forward(ctx, core, scale, x):
+        ctx.core, ctx.scale = core, scale
+        t = [core.malloc(scale * s, S1) for s in (4096, 1024, 2048)]
+        core.free(t[1], S1)
+        if ctx.needs_input_grad[2]:
+            ctx.saved_block = core.malloc(scale * 512, S1)  # skeletal: lives until backward
+        core.free(t[0], S1)
+        core.free(t[2], S1)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        core, s = ctx.core, ctx.scale
+        a = core.malloc(s * 8192, S1)
+        b = core.malloc(s * 1024, S1)
+        core.free(a, S1)
+        core.free(ctx.saved_block, S1)
+        core.free(b, S1)
+        return None, None, g * 2
+
+
+class _Layer(nn.Module):
+    def __init__(self, core):
+        super().__init__()
+        self.core, self.scale = core, 1
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return _Requests.apply(self.core, self.scale, x) * self.w
+
+
+def test_runtime_records_then_replays_both_levels(core, caplog):
+    layers = nn.ModuleList(_Layer(core) for _ in range(3))
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True)
+    attach_windows(layers, rt)
+
+    def step():
+        x = torch.ones(4, requires_grad=True)
+        for m in layers:
+            x = m(x)
+        x.sum().backward()
+
+    step()  # warmup
+    assert rt.state == "warmup"
+    step()  # recorded
+    step()  # plans made at its start, replayed
+    assert rt.state == "replay"
+    # windows: fwd0 gap fwd1 gap fwd2 gap bwd2 gap bwd1 gap bwd0 gap
+    assert rt.plan.layout == [("fwd", 0), ("gap", -1), ("fwd", 1), ("gap", -1), ("fwd", 2), ("gap", -1),
+                              ("bwd", 2), ("gap", -1), ("bwd", 1), ("gap", -1), ("bwd", 0), ("gap", -1)]
+    s = core.stats()
+    # per layer: 3 forward transients, 2 backward ones (level 1) and the saved block (level 2)
+    assert s["served"] == 3 * 6 and s["fallback"] == 2 * 3 * 6  # the warm-up and the recorded steps
+    assert (s["miss_size"], s["refused_overlap"], s["check_lifetime"], s["check_leaked"]) == (0, 0, 0, 0)
+    fwd = rt.plan.level1[0]
+    assert fwd.peak_bytes == fwd.lower_bound_bytes == 7168  # the three temporaries are live together
+    assert rt.plan.level1[0] is rt.plan.level1[2]  # passes with the same requests share one solve
+    # level 2's peak: the first backward pass (9216) while every layer's saved block (512) is live
+    assert s["region"] == rt.plan.level2.peak_bytes == rt.plan.level2.lower_bound_bytes == 9216 + 3 * 512
+    with torch.no_grad():  # eval: no windows, nothing planned
+        layers[0](torch.ones(4))
+    for m in layers:
+        m.scale = 2  # a longer sequence: every size changes
+    with caplog.at_level(logging.WARNING):
+        step()
+        step()
+    s2 = core.stats()
+    assert s2["miss_size"] == 12 and s2["served"] == s["served"]  # each of 6 layer passes x 2 steps, at once
+    assert "size differs from the plan" in caplog.text
+    assert s2["allocated"] == 0  # every request came back
+
+
+def test_recompute_inside_backward_belongs_to_the_backward_window(core):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    layers = nn.ModuleList(checkpoint_wrapper(_Layer(core), checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                           for _ in range(2))
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True)
+    attach_windows(layers, rt)
+    for _ in range(3):
+        x = torch.ones(4, requires_grad=True)
+        for m in layers:
+            x = m(x)
+        x.sum().backward()
+    assert [w for w in rt.plan.layout if w[0] != "gap"] == [("fwd", 0), ("fwd", 1), ("bwd", 1), ("bwd", 0)]
+    # the backward window holds the recomputed forward's requests as well as the backward's
+    assert len(rt.plan.sizes[rt.plan.layout.index(("bwd", 1))]) == 4 + 2
+    s = core.stats()
+    assert s["served"] > 0 and (s["miss_size"], s["refused_overlap"], s["check_lifetime"]) == (0, 0, 0)
+
+
+def test_plans_are_shared_by_identical_windows_and_aligned():
+    ev = [(0, 0, 0, 1000, 1, 1), (1, 0, -1, 1000, 0, 1), (0, 1, 0, 1000, 1, 2), (1, 1, -1, 1000, 0, 2),
+          (0, 2, 0, 3000, 1, 3), (0, 2, 1, 100, 1, 4), (1, 2, -1, 3000, 0, 3), (1, 3, -1, 100, 0, 4)]
+    plan = plan_iteration(ev, [("fwd", 0), ("fwd", 1), ("bwd", 0), ("gap", -1)], [0, 1, 2, 3])
+    assert plan.level1[0] is plan.level1[1] and plan.level1[2].peak_bytes == 3072 and ALIGNMENT == 512
+    assert plan.offsets[2][1] >= 0 and plan.free_at[2] == [2, 3]  # the 100 bytes cross into the gap
+    assert plan.region_bytes == 3072 + 512

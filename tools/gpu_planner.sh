@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 6 on one H200 (kind nvidia-h200): the planned allocator against torch's caching allocator and
+# expandable segments, in the same training steps. JSON and logs under $OUT.
+#   . .whl/env.sh && bash tools/gpu_planner.sh check|side|maxlen [budget GiB] [start] [step]
+# Parts:
+#   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
+#   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
+#           allocators side by side (2 warm-up steps, the second recorded; 3 timed steps replay the plan)
+#   maxlen  the longest sequence each allocator trains (fresh process per attempt) within a GPU budget
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+R=recipes/llama3-8b-1m-4gpu.yaml
+ONE="parallel.sp.degree=1 launch.nproc=1"
+filter() { grep -v "^W1\|^\*\*\*\|OMP_NUM\|USDT\|UserWarning\|_warn_once" ; }
+variant() {  # name -> overrides
+  case $1 in
+    caching) echo "memory.allocator=default" ;;
+    expandable) echo "memory.allocator=expandable" ;;
+    planned) echo "memory.planner.enabled=true" ;;
+  esac
+}
+case "${1:-}" in
+  check)
+    python3 tools/planner_gpu_check.py --out /tmp/planner_check --json "$OUT/planner_check.json" 2>&1 | filter \
+      | tee "$OUT/planner_check.log" | tail -20 ;;
+  side)
+    for v in caching expandable planned; do
+      timeout 200 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) --layers 4 --steps 3 \
+        --warmup 2 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter | tee "$OUT/side_$v.log" | tail -14
+    done ;;
+  maxlen)
+    B=${2:-40}; S=${3:-65536}; T=${4:-16384}
+    for v in caching expandable planned; do
+      timeout 190 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 2 \
+        --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$T" \
+        --seq-max $((S * 2)) --attempt-timeout 90 --json "$OUT/planner_maxlen_$v.json" 2>&1 | filter \
+        | tee "$OUT/maxlen_$v.log" | tail -6
+    done ;;
+  *)
+    echo "usage: bash tools/gpu_planner.sh check|side|maxlen [budget GiB] [start] [step]" >&2; exit 2 ;;
+esac
