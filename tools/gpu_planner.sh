@@ -5,7 +5,7 @@
 # Parts:
 #   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
-#           allocators side by side (2 warm-up steps, the second recorded; 3 timed steps replay the plan)
+#           allocators side by side (3 warm-up steps: the second is recorded, the third plans; 3 timed steps replay)
 #   maxlen  the longest sequence each allocator trains (fresh process per attempt) within a GPU budget
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,7 +16,7 @@ variant() {  # name -> overrides
   case $1 in
     caching) echo "memory.allocator=default" ;;
     expandable) echo "memory.allocator=expandable" ;;
-    planned) echo "memory.planner.enabled=true" ;;
+    planned) echo "memory.planner.enabled=true memory.planner.time_limit_s=20" ;;
   esac
 }
 case "${1:-}" in
@@ -26,7 +26,7 @@ case "${1:-}" in
   side)
     for v in caching expandable planned; do
       timeout 200 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) --layers 4 --steps 3 \
-        --warmup 2 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter | tee "$OUT/side_$v.log" | tail -14
+        --warmup 3 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter | tee "$OUT/side_$v.log" | tail -14
     done ;;
   maxlen)
     B=${2:-40}; S=${3:-65536}; T=${4:-16384}
