@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 6 on one H200 (kind nvidia-h200): the planned allocator against torch's caching allocator and
 # expandable segments, in the same training steps. JSON and logs under $OUT.
-#   . .whl/env.sh && bash tools/gpu_planner.sh check|side|maxlen [budget GiB] [start] [step]
+#   . .whl/env.sh && bash tools/gpu_planner.sh check | side [variants] | fits BUDGET V:SEQ... | maxlen [budget] [start] [step]
 # Parts:
 #   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
 #           allocators side by side (3 warm-up steps: the second is recorded, the third plans; 3 timed steps replay)
+#   fits    within a GPU budget (GiB; a ballast takes the rest), one attempt per allocator:length pair
 #   maxlen  the longest sequence each allocator trains (fresh process per attempt) within a GPU budget
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,9 +25,17 @@ case "${1:-}" in
     python3 tools/planner_gpu_check.py --out /tmp/planner_check --json "$OUT/planner_check.json" 2>&1 | filter \
       | tee "$OUT/planner_check.log" | tail -20 ;;
   side)
-    for v in caching expandable planned; do
+    for v in ${2:-caching expandable planned}; do
       timeout 200 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) --layers 4 --steps 3 \
         --warmup 3 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter | tee "$OUT/side_$v.log" | tail -14
+    done ;;
+  fits)  # budget GiB, then allocator:seq pairs: one attempt each (a fresh process), fits or runs out of memory
+    B=$2; shift 2
+    for vs in "$@"; do
+      v=${vs%%:*}; S=${vs##*:}
+      timeout 170 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 2 \
+        --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$S" --seq-max "$S" \
+        --json "$OUT/planner_fits_${v}_$S.json" 2>&1 | filter | tee "$OUT/fits_${v}_$S.log" | tail -3
     done ;;
   maxlen)
     B=${2:-40}; S=${3:-65536}; T=${4:-16384}
@@ -37,5 +46,6 @@ case "${1:-}" in
         | tee "$OUT/maxlen_$v.log" | tail -6
     done ;;
   *)
-    echo "usage: bash tools/gpu_planner.sh check|side|maxlen [budget GiB] [start] [step]" >&2; exit 2 ;;
+    echo "usage: bash tools/gpu_planner.sh check | side [variants] | fits BUDGET V:SEQ... | maxlen [budget] [start] [step]" >&2
+    exit 2 ;;
 esac

@@ -5,8 +5,8 @@
  * matched with the k-th request of that window's plan: when the plan places it and the size is the
  * planned one, it gets `region + offset[k]` in one region allocated once; everything else (requests
  * outside windows, unplanned requests, any request after a mismatch in its window) is served by the
- * fallback allocator: CUDA's stream-ordered allocator (cudaMallocAsync on the device's default pool,
- * which keeps freed memory: release threshold = max).
+ * fallback allocator: CUDA's stream-ordered allocator (cudaMallocAsync on the device's default pool;
+ * it returns freed memory to the device until the plan serves, then keeps it: lt_pool_keep).
  *
  * Safety, always on:
  *  - a planned offset is handed out only when no live planned block overlaps it (a free that came
@@ -308,7 +308,7 @@ int lt_init_cuda(const char *cudart, int device) {
     SYM(c_default_pool, "cudaDeviceGetDefaultMemPool"); SYM(c_pool_set, "cudaMemPoolSetAttribute");
     SYM(c_pool_get, "cudaMemPoolGetAttribute"); SYM(c_pool_trim, "cudaMemPoolTrimTo");
     if (c_default_pool(&pool, device)) return -3;
-    uint64_t keep = UINT64_MAX;
+    uint64_t keep = 0; /* until a plan serves: see lt_pool_keep */
     if (c_pool_set(pool, ATTR_RELEASE_THRESHOLD, &keep)) return -3;
     pthread_mutex_lock(&mu);
     backend = BACKEND_CUDA;
@@ -552,4 +552,15 @@ void lt_empty_cache(void) {
         if (c_pool_trim(pool, 0)) c_get_last_error();
     }
     pthread_mutex_unlock(&mu);
+}
+
+/* The fallback pool's release threshold. 0 (from lt_init_cuda on) while the iterations before the plan
+ * run: freed memory goes back to the device at each synchronisation, so what those iterations leave
+ * behind does not stay reserved next to the region. UINT64_MAX once the plan serves: the pool keeps
+ * what it frees (the requests it serves then repeat every iteration), as a caching allocator does. */
+int lt_pool_keep(int keep) {
+    if (backend != BACKEND_CUDA) return 0;
+    uint64_t v = keep ? UINT64_MAX : 0;
+    if (c_pool_set(pool, ATTR_RELEASE_THRESHOLD, &v)) { c_get_last_error(); return -1; }
+    return 0;
 }

@@ -23,7 +23,9 @@ live planned block overlaps it; a request whose size, stream or position differs
 the plan off for the rest of its window (counted, warned once with the reason); memory used by another
 stream is reused only after that stream is done with it. The normal fallback for everything not planned
 is CUDA's stream-ordered allocator (cudaMallocAsync), not torch's caching allocator: a process has one
-allocator.
+allocator. Until the plan serves, that pool gives freed memory back to the device at every synchronisation
+(slower allocations in the warm-up and recorded iterations), so what they used does not stay reserved
+beside the region; from then on it keeps what it frees, as a caching allocator does.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class Core:
                "lt_record_len": (i64, []), "lt_record_data": (ctypes.POINTER(i64), []),
                "lt_record_clear": (None, []), "lt_stats": (i32, [ctypes.POINTER(i64), i32]),
                "lt_reset_peaks": (None, []), "lt_host_complete_events": (None, []), "lt_flush": (None, [i32]),
-               "lt_empty_cache": (None, [])}
+               "lt_empty_cache": (None, []), "lt_pool_keep": (i32, [i32])}
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -321,26 +323,32 @@ class PlanRuntime:
         try:
             plan = plan_iteration(events, layout, seqs, time_limit_s=self.time_limit_s)
         except ValueError as e:
-            self.state = "off"
+            self._off()
             log.warning("memory plan: cannot plan the recorded iteration (%s); the fallback allocator serves "
                         "everything", e)
             return
         if not plan.region_bytes:
-            self.state = "off"
+            self._off()
             log.warning("memory plan: the recorded iteration has no request to plan; the fallback allocator "
                         "serves everything")
             return
         self.core.lib.lt_empty_cache()  # the fallback pool's cached memory back first: the region needs it
         r = self.core.lib.lt_region_alloc(plan.region_bytes)
         if r:
-            self.state = "off"
+            self._off()
             log.warning("memory plan: the %.2f GiB region could not be allocated (code %d); the fallback "
                         "allocator serves everything", plan.region_bytes / 2**30, r)
             return
         for p in range(len(plan.layout)):
             self.core.set_plan(p, plan.sizes[p], plan.offsets[p], plan.free_at[p])
         self.plan, self.state = plan, "replay"
+        self.core.lib.lt_pool_keep(1)
         log.info("memory plan: %s", self.summary())
+
+    def _off(self) -> None:
+        """No plan will serve: the fallback pool keeps what it frees from now on (a caching allocator)."""
+        self.state = "off"
+        self.core.lib.lt_pool_keep(1)
 
     def summary(self) -> str:
         p = self.plan
