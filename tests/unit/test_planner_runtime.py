@@ -96,6 +96,17 @@ def test_record_stream_defers_the_free_until_the_other_stream_is_done(core):
     assert c == base and core.stats()["deferred"] == 0
 
 
+def test_out_of_memory_waits_for_deferred_frees_then_gives_up(core):
+    core.lib.lt_host_limit(4096)
+    a = core.malloc(4096, S1)
+    core.record_stream(a, S2)
+    core.free(a, S1)  # deferred: S2 has not finished with it
+    b = core.malloc(4096, S1)  # full: the retry waits for every stream, then the deferred memory serves
+    assert b and core.stats()["oom_retries"] == 1 and core.stats()["deferred"] == 0
+    assert core.malloc(512, S1) == 0  # nothing left to wait for: out of memory (torch raises it)
+    assert core.stats()["oom_retries"] == 2 and core.stats()["allocated"] == 4096
+
+
 def test_record_mode_logs_allocations_and_frees(core):
     core.lib.lt_set_record(1)
     seq = core.window_begin(-1, S1)

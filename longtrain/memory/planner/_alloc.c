@@ -61,7 +61,7 @@ static void *pool;
 #define EVENT_DISABLE_TIMING 2
 
 /* host backend: events are tickets, complete once the test says so */
-static int64_t host_tickets, host_done, host_reserved, host_reserved_peak;
+static int64_t host_tickets, host_done, host_reserved, host_reserved_peak, host_limit;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -229,6 +229,7 @@ static void live_remove(int64_t id) {
 
 static void *fallback_alloc(size_t size, stream_t stream) {
     if (backend == BACKEND_HOST) {
+        if (host_limit && host_reserved + (int64_t)size > host_limit) return NULL; /* a test's "device" is full */
         void *p = malloc(size);
         if (p) {
             host_reserved += (int64_t)size;
@@ -535,6 +536,9 @@ void lt_reset_peaks(void) {
     }
     pthread_mutex_unlock(&mu);
 }
+
+/* host backend only: the fallback fails past this many bytes (0: no limit), as a full device would */
+void lt_host_limit(int64_t bytes) { pthread_mutex_lock(&mu); host_limit = bytes; pthread_mutex_unlock(&mu); }
 
 /* host backend only: every event recorded so far completes */
 void lt_host_complete_events(void) { pthread_mutex_lock(&mu); host_done = host_tickets; pthread_mutex_unlock(&mu); }

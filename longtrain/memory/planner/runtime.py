@@ -98,7 +98,8 @@ class Core:
                "lt_record_len": (i64, []), "lt_record_data": (ctypes.POINTER(i64), []),
                "lt_record_clear": (None, []), "lt_stats": (i32, [ctypes.POINTER(i64), i32]),
                "lt_reset_peaks": (None, []), "lt_host_complete_events": (None, []), "lt_flush": (None, [i32]),
-               "lt_empty_cache": (None, []), "lt_pool_keep": (i32, [i32])}
+               "lt_empty_cache": (None, []), "lt_pool_keep": (i32, [i32]),
+               "lt_host_limit": (None, [i64])}
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -449,6 +450,7 @@ def attach_windows(layers: nn.ModuleList, runtime: PlanRuntime) -> None:
 # ---- the process's CUDA allocator -------------------------------------------------------------------
 
 _SHIM = r"""
+#include <cstdio>
 #include <torch/extension.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 
@@ -493,8 +495,15 @@ void install(int64_t alloc_addr, int64_t free_addr, int64_t record_addr, int64_t
   auto alloc = std::make_shared<LongtrainAllocator>(
       [af](size_t n, int dev, cudaStream_t s) -> void* {
         void* p = af(n, dev, reinterpret_cast<void*>(s));
-        TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr || n == 0,
-                         "CUDA out of memory (longtrain planned allocator): ", n, " bytes could not be allocated");
+        if (p == nullptr && n != 0) {
+          // The message is formatted with snprintf and the error built by c10's own (out-of-line)
+          // constructor: formatting a number through TORCH_CHECK's ostream inside this extension crashed
+          // (SIGSEGV in std::codecvt, seen on the H200 image); torch's own code formats it safely.
+          char msg[160];
+          snprintf(msg, sizeof msg, "CUDA out of memory (longtrain planned allocator): %zu bytes could not be "
+                   "allocated on device %d", n, dev);
+          throw c10::OutOfMemoryError(c10::SourceLocation{__func__, __FILE__, 0}, std::string(msg));
+        }
         return p;
       },
       [ff](void* p, size_t n, int dev, cudaStream_t s) { ff(p, n, dev, reinterpret_cast<void*>(s)); },
