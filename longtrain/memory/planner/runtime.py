@@ -276,6 +276,7 @@ class PlanRuntime:
     recorded: list = field(default_factory=list)  # (seq, window) of the recording iteration
     layout_misses: int = 0
     warned: set = field(default_factory=set)
+    at_plan: dict = field(default_factory=dict)  # the core's bytes when the plan was made (before the region)
 
     def __post_init__(self):
         self.core.lib.lt_set_check(int(self.check))
@@ -333,7 +334,14 @@ class PlanRuntime:
             log.warning("memory plan: the recorded iteration has no request to plan; the fallback allocator "
                         "serves everything")
             return
+        before = self.core.stats()
         self.core.lib.lt_empty_cache()  # the fallback pool's cached memory back first: the region needs it
+        trimmed = self.core.stats()
+        self.at_plan = {"allocated": before["allocated"], "reserved": before["reserved"],
+                        "reserved_peak": before["reserved_peak"], "reserved_after_trim": trimmed["reserved"]}
+        log.info("memory plan: before the region, %.2f GiB allocated, %.2f GiB reserved by the fallback pool "
+                 "(%.2f GiB after giving back what it caches; peak so far %.2f GiB)", before["allocated"] / 2**30,
+                 before["reserved"] / 2**30, trimmed["reserved"] / 2**30, before["reserved_peak"] / 2**30)
         r = self.core.lib.lt_region_alloc(plan.region_bytes)
         if r:
             self._off()
