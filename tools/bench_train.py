@@ -300,7 +300,8 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
               (torch.cuda.max_memory_reserved(mesh.device) - held) / 2**30) if cuda else (-1.0, -1.0))
     plan_rt = getattr(trainer.model, "plan_runtime", None)
     planner = None if plan_rt is None else {"state": plan_rt.state, "summary": plan_rt.summary(),
-                                            "at_plan": plan_rt.at_plan, **plan_rt.core.stats()}
+                                            "at_plan": plan_rt.at_plan, "refusals": plan_rt.refusal_report(),
+                                            **plan_rt.core.stats()}
     mem = torch.tensor([peaks[0], peaks[1],
                         streams.stats.host_bytes_pinned / 2**30 if streams is not None else 0.0,
                         host_peak_rss_gib()], dtype=torch.float64, device=mesh.device)

@@ -57,6 +57,7 @@ def test_size_mismatch_turns_the_plan_off_for_the_rest_of_the_window(core):
     d = core.malloc(1024, S1)
     assert not base <= d < base + 1024  # slot 0 is still held by `a`: refused, not handed out twice
     assert core.stats()["refused_overlap"] == 1
+    assert core.refusals() == [(0, 0, 1024, 0, 0)]  # plan 0's request 0, blocked by plan 0's request 0
     e = core.malloc(1024, S1)
     assert e == base + 1024
 
@@ -234,14 +235,16 @@ class _Requests(torch.autograd.Function):
     """Makes a fixed pattern of core requests in forward and backward, like a layer's temporaries."""
 
     @staticmethod
-    def forward(ctx, core, scale, x):
+    def forward(ctx, core, scale, x, hold=False):
         ctx.core, ctx.scale = core, scale
         t = [core.malloc(scale * s, S1) for s in (4096, 1024, 2048)]
         core.free(t[1], S1)
         if ctx.needs_input_grad[2]:
             ctx.saved_block = core.malloc(scale * 512, S1)  # skeletal: lives until backward
         core.free(t[0], S1)
-        core.free(t[2], S1)
+        ctx.held = t[2] if hold else None  # `hold`: a temporary kept to the backward (outlives its plan)
+        if not hold:
+            core.free(t[2], S1)
         return x * 2
 
     @staticmethod
@@ -252,17 +255,19 @@ class _Requests(torch.autograd.Function):
         core.free(a, S1)
         core.free(ctx.saved_block, S1)
         core.free(b, S1)
-        return None, None, g * 2
+        if ctx.held:
+            core.free(ctx.held, S1)
+        return None, None, g * 2, None
 
 
 class _Layer(nn.Module):
     def __init__(self, core):
         super().__init__()
-        self.core, self.scale = core, 1
+        self.core, self.scale, self.hold = core, 1, False
         self.w = nn.Parameter(torch.ones(()))
 
     def forward(self, x):
-        return _Requests.apply(self.core, self.scale, x) * self.w
+        return _Requests.apply(self.core, self.scale, x, self.hold) * self.w
 
 
 def test_runtime_records_then_replays_both_levels(core, caplog):
@@ -293,6 +298,17 @@ def test_runtime_records_then_replays_both_levels(core, caplog):
     assert rt.plan.level1[0] is rt.plan.level1[2]  # passes with the same requests share one solve
     # level 2's peak: the first backward pass (9216) while every layer's saved block (512) is live
     assert s["region"] == rt.plan.level2.peak_bytes == rt.plan.level2.lower_bound_bytes == 9216 + 3 * 512
+    layers[1].hold = True  # a tensor outlives its recorded lifetime: its slot is refused to later requests
+    step()
+    layers[1].hold = False
+    s1 = core.stats()
+    assert s1["refused_overlap"] > 0 and s1["check_lifetime"] == 1 and s1["check_leaked"] == 1
+    worst = rt.refusal_report()[0]
+    assert worst["in_the_way"] == {"window": 2, "pass": "fwd1", "k": 2, "size": 2048}
+    assert s1["allocated"] == 0  # the refused requests came from the fallback and went back
+    step()
+    s = core.stats()
+    assert s["refused_overlap"] == s1["refused_overlap"]  # lifetimes as recorded again: no refusal
     with torch.no_grad():  # eval: no windows, nothing planned
         layers[0](torch.ones(4))
     for m in layers:
@@ -301,7 +317,7 @@ def test_runtime_records_then_replays_both_levels(core, caplog):
         step()
         step()
     s2 = core.stats()
-    assert s2["miss_size"] == 12 and s2["served"] == s["served"]  # each of 6 layer passes x 2 steps, at once
+    assert s2["miss_size"] == 12 and s2["served"] == s["served"]  # 6 layer passes x 2 steps, none served
     assert "size differs from the plan" in caplog.text
     assert s2["allocated"] == 0  # every request came back
 

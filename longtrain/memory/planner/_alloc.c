@@ -148,7 +148,7 @@ static plan_t plans[MAX_PLANS];
 static char *region;
 static int64_t region_bytes;
 
-typedef struct { int64_t offset, size, id, expect_free; } live_t;
+typedef struct { int64_t offset, size, id, expect_free, plan, k; } live_t; /* plan, k: where it was planned */
 static live_t *live;
 static int64_t nlive, live_cap, live_bytes;
 
@@ -199,13 +199,19 @@ static void note_allocated(int64_t delta) {
     if (st[S_ALLOCATED] > st[S_ALLOCATED_PEAK]) st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
 }
 
-static int overlaps_live(int64_t off, int64_t size) {
+/* the live planned block overlapping [off, off + size), or -1 */
+static int64_t overlaps_live(int64_t off, int64_t size) {
     for (int64_t i = 0; i < nlive; i++)
-        if (live[i].offset < off + size && off < live[i].offset + live[i].size) return 1;
-    return 0;
+        if (live[i].offset < off + size && off < live[i].offset + live[i].size) return i;
+    return -1;
 }
 
-static int live_add(int64_t off, int64_t size, int64_t id, int64_t expect_free) {
+/* refusals, for diagnosis: (plan, k, size, blocking block's plan, its k); the first REFUSAL_LOG kept */
+#define REFUSAL_LOG 4096
+static int64_t refusals[REFUSAL_LOG][5];
+static int64_t nrefusals;
+
+static int live_add(int64_t off, int64_t size, int64_t id, int64_t expect_free, int64_t plan, int64_t k) {
     if (nlive == live_cap) {
         int64_t cap = live_cap ? live_cap * 2 : 256;
         live_t *n = realloc(live, (size_t)cap * sizeof(live_t));
@@ -213,7 +219,7 @@ static int live_add(int64_t off, int64_t size, int64_t id, int64_t expect_free) 
         live = n;
         live_cap = cap;
     }
-    live[nlive++] = (live_t){off, size, id, expect_free};
+    live[nlive++] = (live_t){off, size, id, expect_free, plan, k};
     live_bytes += size;
     return 0;
 }
@@ -355,9 +361,17 @@ int lt_set_plan(int id, int64_t n, const int64_t *size, const int64_t *offset, c
     return 0;
 }
 
+static void close_window(void) {
+    if (win.active && check_mode && win.plan >= 0)
+        for (int64_t i = 0; i < nlive; i++)  /* blocks the plan says this window frees */
+            if (live[i].expect_free == win.plan) st[S_CHECK_LEAKED]++;
+    win.active = 0;
+}
+
 /* Opens a window (closing an open one); plan < 0: no plan, everything goes to the fallback. */
 int64_t lt_window_begin(int plan, stream_t stream) {
     pthread_mutex_lock(&mu);
+    close_window();
     process_deferred(0);
     win.active = 1;
     win.plan = (plan >= 0 && plan < MAX_PLANS && plans[plan].size) ? plan : -1;
@@ -374,10 +388,7 @@ int64_t lt_window_begin(int plan, stream_t stream) {
 
 void lt_window_end(void) {
     pthread_mutex_lock(&mu);
-    if (win.active && check_mode && win.plan >= 0)
-        for (int64_t i = 0; i < nlive; i++)  /* blocks the plan says this window frees */
-            if (live[i].expect_free == win.plan) st[S_CHECK_LEAKED]++;
-    win.active = 0;
+    close_window();
     pthread_mutex_unlock(&mu);
 }
 
@@ -394,8 +405,18 @@ static void *alloc_locked(size_t size, stream_t stream) {
             else if ((int64_t)size != p->size[k]) { win.off = 1; st[S_MISS_SIZE]++; }
             else if (p->offset[k] >= 0 && stream != win.stream) { win.off = 1; st[S_MISS_STREAM]++; }
             else if (p->offset[k] >= 0) {
-                if (overlaps_live(p->offset[k], (int64_t)size)) st[S_REFUSED_OVERLAP]++;
-                else { offset = p->offset[k]; expect = p->free_at[k]; }
+                int64_t in_the_way = overlaps_live(p->offset[k], (int64_t)size);
+                if (in_the_way >= 0) {
+                    st[S_REFUSED_OVERLAP]++;
+                    if (nrefusals < REFUSAL_LOG) {
+                        int64_t *r = refusals[nrefusals++];
+                        r[0] = win.plan; r[1] = k; r[2] = (int64_t)size;
+                        r[3] = live[in_the_way].plan; r[4] = live[in_the_way].k;
+                    }
+                } else {
+                    offset = p->offset[k];
+                    expect = p->free_at[k];
+                }
             }
         }
     }
@@ -404,7 +425,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
     void *ptr;
     if (offset >= 0) {
         ptr = region + offset;
-        if (live_add(offset, (int64_t)size, next_id, expect)) { free(b); return NULL; }
+        if (live_add(offset, (int64_t)size, next_id, expect, win.plan, k)) { free(b); return NULL; }
         st[S_SERVED]++;
     } else {
         ptr = fallback_alloc(size, stream);
@@ -535,6 +556,15 @@ void lt_reset_peaks(void) {
         host_reserved_peak = host_reserved;
     }
     pthread_mutex_unlock(&mu);
+}
+
+/* the logged refusals: 5 int64 each (see `refusals`); returns how many */
+int64_t lt_refusals(int64_t *out, int64_t max) {
+    pthread_mutex_lock(&mu);
+    int64_t n = nrefusals < max ? nrefusals : max;
+    memcpy(out, refusals, (size_t)n * 5 * sizeof(int64_t));
+    pthread_mutex_unlock(&mu);
+    return n;
 }
 
 /* host backend only: the fallback fails past this many bytes (0: no limit), as a full device would */

@@ -99,7 +99,7 @@ class Core:
                "lt_record_clear": (None, []), "lt_stats": (i32, [ctypes.POINTER(i64), i32]),
                "lt_reset_peaks": (None, []), "lt_host_complete_events": (None, []), "lt_flush": (None, [i32]),
                "lt_empty_cache": (None, []), "lt_pool_keep": (i32, [i32]),
-               "lt_host_limit": (None, [i64])}
+               "lt_host_limit": (None, [i64]), "lt_refusals": (i64, [ctypes.POINTER(i64), i64])}
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -140,6 +140,12 @@ class Core:
         data = self.lib.lt_record_data()
         flat = [data[i] for i in range(6 * n)] if n else []
         return [tuple(flat[6 * i:6 * i + 6]) for i in range(n)]
+
+    def refusals(self, limit: int = 4096) -> list[tuple[int, int, int, int, int]]:
+        """Logged refusals (the first 4096): (plan, k, size, plan and k of the live block in the way)."""
+        buf = (ctypes.c_int64 * (5 * limit))()
+        n = self.lib.lt_refusals(buf, limit)
+        return [tuple(buf[5 * i:5 * i + 5]) for i in range(n)]
 
     def stats(self) -> dict[str, int]:
         buf = (ctypes.c_int64 * len(STAT_NAMES))()
@@ -372,6 +378,25 @@ class PlanRuntime:
                 f"worst peak/lower bound {worst1:.4f}; level 2: {len(l2.requests)} requests, peak "
                 f"{l2.peak_bytes / 2**30:.3f} GiB, lower bound {l2.lower_bound_bytes / 2**30:.3f} GiB "
                 f"(ratio {l2.ratio:.4f}, {l2.solver})")
+
+    def refusal_report(self, top: int = 10) -> list[dict]:
+        """The most frequent refusals: which planned request found its slot taken, and by which block
+        (both as window, request index and size): the tensors that outlived their recorded lifetime."""
+        if self.plan is None:
+            return []
+        counts: dict[tuple, int] = {}
+        for r in self.core.refusals():
+            counts[r] = counts.get(r, 0) + 1
+
+        def where(p, k):
+            if not 0 <= p < len(self.plan.layout):
+                return {"window": None, "k": k}
+            kind, layer = self.plan.layout[p]
+            size = self.plan.sizes[p][k] if 0 <= k < len(self.plan.sizes[p]) else None
+            return {"window": p, "pass": f"{kind}{'' if layer < 0 else layer}", "k": k, "size": size}
+
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [{"count": c, "refused": where(p, k), "in_the_way": where(bp, bk)} for (p, k, _, bp, bk), c in ranked]
 
     def warn_misses(self) -> None:
         s = self.core.stats()
