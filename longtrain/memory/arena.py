@@ -31,8 +31,10 @@ def apply_memory_plan(model: nn.Module, cfg, device: torch.device) -> nn.Module:
                     "still prints and saves the plan)", why)
         return model
     pc = cfg.memory.planner
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     model.plan_runtime = PlanRuntime(core, device, record_iteration=pc.record_iteration,
-                                     time_limit_s=pc.time_limit_s, check=pc.check)
+                                     time_limit_s=pc.time_limit_s, check=pc.check, save_dir=cfg.train.output_dir,
+                                     rank=rank)
     attach_windows(model.model.layers, model.plan_runtime)
     log.info("memory plan: %d layers are windows of the planned allocator; iteration %d is recorded and planned, "
              "later ones replay the plan%s", len(model.model.layers), pc.record_iteration,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from longtrain.memory.planner import MemoryPlan
 from longtrain.memory.planner.runtime import ALIGNMENT, PlanRuntime, attach_windows, host_core, plan_iteration
 
 S1, S2 = 1, 2  # stream handles
@@ -270,9 +271,9 @@ class _Layer(nn.Module):
         return _Requests.apply(self.core, self.scale, x, self.hold) * self.w
 
 
-def test_runtime_records_then_replays_both_levels(core, caplog):
+def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     layers = nn.ModuleList(_Layer(core) for _ in range(3))
-    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True)
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True, save_dir=str(tmp_path / "run"))
     attach_windows(layers, rt)
 
     def step():
@@ -298,6 +299,8 @@ def test_runtime_records_then_replays_both_levels(core, caplog):
     assert rt.plan.level1[0] is rt.plan.level1[2]  # passes with the same requests share one solve
     # level 2's peak: the first backward pass (9216) while every layer's saved block (512) is live
     assert s["region"] == rt.plan.level2.peak_bytes == rt.plan.level2.lower_bound_bytes == 9216 + 3 * 512
+    saved = MemoryPlan.from_json(tmp_path / "run" / "memory_plan_runtime_rank0_level2.json")  # what --png draws
+    assert saved.offsets == rt.plan.level2.offsets and len(rt.saved) == 2
     layers[1].hold = True  # a tensor outlives its recorded lifetime: its slot is refused to later requests
     step()
     layers[1].hold = False

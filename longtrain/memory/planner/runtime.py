@@ -283,6 +283,9 @@ class PlanRuntime:
     layout_misses: int = 0
     warned: set = field(default_factory=set)
     at_plan: dict = field(default_factory=dict)  # the core's bytes when the plan was made (before the region)
+    save_dir: str | None = None  # where the plans go as JSON (the run directory), None: not saved
+    rank: int = 0
+    saved: list = field(default_factory=list)  # the JSON files written
 
     def __post_init__(self):
         self.core.lib.lt_set_check(int(self.check))
@@ -359,6 +362,25 @@ class PlanRuntime:
         self.plan, self.state = plan, "replay"
         self.core.lib.lt_pool_keep(1)
         log.info("memory plan: %s", self.summary())
+        if self.save_dir:
+            self._save(plan)
+
+    def _save(self, plan: IterationPlan) -> None:
+        """Level 2 and the largest level-1 plan as JSON (`tools/plan_memory.py --png P --plan FILE` draws
+        them); a write that fails is warned, not fatal: the plan in memory is what serves."""
+        out = Path(self.save_dir)
+        stem = f"memory_plan_runtime_rank{self.rank}"
+        largest = max(plan.level1.values(), key=lambda x: x.peak_bytes, default=None)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, mp in ((f"{stem}_level2.json", plan.level2), (f"{stem}_level1_largest.json", largest)):
+                if mp is not None:
+                    tmp = out / (name + ".tmp")
+                    mp.to_json(tmp)
+                    tmp.replace(out / name)
+                    self.saved.append(str(out / name))
+        except OSError as e:
+            log.warning("memory plan: could not save the plan to %s (%s); training goes on", out, e)
 
     def _off(self) -> None:
         """No plan will serve: the fallback pool keeps what it frees from now on (a caching allocator)."""
