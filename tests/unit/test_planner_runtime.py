@@ -43,6 +43,21 @@ def test_replay_serves_planned_offsets_and_falls_back_for_the_rest(core):
     assert core.stats()["allocated"] == 0 and core.stats()["allocated_peak"] == 3584
 
 
+def test_reserved_peak_counts_only_what_coexisted_with_the_region(core):
+    a = core.malloc(8192, S1)
+    core.free(a, S1)  # the fallback's peak, 8192, before any region
+    _region(core, 2048)
+    b = core.malloc(1024, S1)
+    s = core.stats()
+    assert s["reserved"] == 2048 + 1024 and s["reserved_peak"] == 8192  # not 2048 + 8192
+    c = core.malloc(8192, S1)
+    assert core.stats()["reserved_peak"] == 2048 + 1024 + 8192
+    for p in (b, c):
+        core.free(p, S1)
+    core.lib.lt_reset_peaks()
+    assert core.stats()["reserved_peak"] == 2048 and core.stats()["allocated_peak"] == 0
+
+
 def test_size_mismatch_turns_the_plan_off_for_the_rest_of_the_window(core):
     base = _region(core, 4096)
     core.set_plan(0, [1024, 1024, 1024], [0, 1024, 2048])

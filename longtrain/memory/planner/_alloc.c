@@ -194,6 +194,18 @@ static int64_t pool_reserved(int attr) {
     return attr == ATTR_RESERVED_HIGH ? host_reserved_peak : host_reserved;
 }
 
+/* reserved peak = max(reserved_floor, region + the pool's high-water since the region came) */
+static int64_t reserved_floor;
+
+static void reset_pool_high(void) {
+    if (backend == BACKEND_CUDA) {
+        uint64_t zero = 0; /* the driver restarts the high-water at the current reserved bytes */
+        if (c_pool_set(pool, ATTR_RESERVED_HIGH, &zero)) c_get_last_error();
+    } else {
+        host_reserved_peak = host_reserved;
+    }
+}
+
 static void note_allocated(int64_t delta) {
     st[S_ALLOCATED] += delta;
     if (st[S_ALLOCATED] > st[S_ALLOCATED_PEAK]) st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
@@ -333,8 +345,16 @@ int lt_region_alloc(int64_t bytes) {
         void *p = NULL;
         if (backend == BACKEND_HOST) p = malloc((size_t)bytes);
         else if (c_malloc(&p, (size_t)bytes)) { c_get_last_error(); p = NULL; }
-        if (!p) r = -1;
-        else { region = p; region_bytes = bytes; st[S_REGION] = bytes; }
+        if (!p) {
+            r = -1;
+        } else {
+            /* the pool's high-water so far was reached without the region: keep it as a floor and
+             * restart the pool's own high-water, so region + pool peak counts only what coexisted */
+            int64_t before = pool_reserved(ATTR_RESERVED_HIGH);
+            if (before > reserved_floor) reserved_floor = before;
+            reset_pool_high();
+            region = p; region_bytes = bytes; st[S_REGION] = bytes;
+        }
     }
     pthread_mutex_unlock(&mu);
     return r;
@@ -540,6 +560,7 @@ int lt_stats(int64_t *out, int n) {
     pthread_mutex_lock(&mu);
     st[S_RESERVED] = region_bytes + pool_reserved(ATTR_RESERVED_CURRENT);
     st[S_RESERVED_PEAK] = region_bytes + pool_reserved(ATTR_RESERVED_HIGH);
+    if (reserved_floor > st[S_RESERVED_PEAK]) st[S_RESERVED_PEAK] = reserved_floor;
     int m = n < S_N ? n : S_N;
     memcpy(out, st, (size_t)m * sizeof(int64_t));
     pthread_mutex_unlock(&mu);
@@ -549,12 +570,8 @@ int lt_stats(int64_t *out, int n) {
 void lt_reset_peaks(void) {
     pthread_mutex_lock(&mu);
     st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
-    if (backend == BACKEND_CUDA) {
-        uint64_t zero = 0;
-        if (c_pool_set(pool, ATTR_RESERVED_HIGH, &zero)) c_get_last_error();
-    } else {
-        host_reserved_peak = host_reserved;
-    }
+    reserved_floor = 0;
+    reset_pool_high();
     pthread_mutex_unlock(&mu);
 }
 
