@@ -37,6 +37,7 @@ import os
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -437,32 +438,20 @@ class PlanRuntime:
                             "to the fallback allocator", why, s[key])
 
 
-class _BackwardBegins(torch.autograd.Function):
-    """Identity on the layer's output; its backward opens the layer's backward window."""
+class _OnGradient(torch.autograd.Function):
+    """Identity whose backward first calls `hook()`: a window edge in the backward pass (on a layer's
+    output, its gradient's arrival opens the layer's backward window; on its input, the input gradient
+    being made closes it)."""
 
     @staticmethod
-    def forward(ctx, rt, layer, x):
-        ctx.rt, ctx.layer = rt, layer
+    def forward(ctx, hook, x):
+        ctx.hook = hook
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.rt.begin(ctx.layer, "bwd")
-        return None, None, g
-
-
-class _BackwardEnds(torch.autograd.Function):
-    """Identity on the layer's input; its backward closes the layer's backward window."""
-
-    @staticmethod
-    def forward(ctx, rt, layer, x):
-        ctx.rt, ctx.layer = rt, layer
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.rt.end(ctx.layer, "bwd")
-        return None, None, g
+        ctx.hook()
+        return None, g
 
 
 def _in_backward() -> bool:
@@ -485,7 +474,7 @@ def attach_windows(layers: nn.ModuleList, runtime: PlanRuntime) -> None:
                 return None
             x, *rest = args
             if isinstance(x, torch.Tensor) and x.requires_grad:
-                args = (_BackwardEnds.apply(rt, i, x), *rest)
+                args = (_OnGradient.apply(partial(rt.end, i, "bwd"), x), *rest)
             rt.begin(i, "fwd")
             opened.append(True)
             return args, kwargs
@@ -495,7 +484,7 @@ def attach_windows(layers: nn.ModuleList, runtime: PlanRuntime) -> None:
                 return None
             runtime.end(i, "fwd")
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                return _BackwardBegins.apply(runtime, i, out)
+                return _OnGradient.apply(partial(runtime.begin, i, "bwd"), out)
             return None
 
         layer.register_forward_pre_hook(pre, with_kwargs=True)
