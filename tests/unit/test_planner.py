@@ -272,71 +272,41 @@ def test_plan_memory_png_with_and_without_snapshot(tmp_path):
     assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "b.png").stat().st_size > 1000
 
 
-# ---- replay by request order (the device-independent half of the runtime) ---------------------------
+# ---- a meta trace's plan through the runtime's allocator core ---------------------------------------
 
-def _debug_layer_plan():
+def test_meta_trace_plan_replays_through_the_allocator_core():
+    """The level-1 plan of a traced layer, served by the C core (host backend) in the trace's own request
+    order for two passes: every transient from the plan, nothing refused, nothing missed."""
     from longtrain.memory.planner.levels import plan_layer
-    from longtrain.memory.planner.replay import PlanReplayer, replay_slots
+    from longtrain.memory.planner.runtime import host_core
     from longtrain.memory.planner.trace import trace_layer
     from longtrain.models.presets import PRESETS
 
     tr = trace_layer(PRESETS["debug"], 64)[0]
     plan = plan_layer(tr, time_limit_s=5, alignment=1)
-    return tr, plan, PlanReplayer, replay_slots
-
-
-def test_replay_serves_the_traced_sequence_without_overlap():
-    tr, plan, PlanReplayer, replay_slots = _debug_layer_plan()
-    rep = PlanReplayer(plan, replay_slots(tr, plan), check=True)
-    for _ in range(2):  # two steps: the same sequence, served the same way
-        rep.begin_pass()
-        events = sorted([(t.request.start, 1, k) for k, t in enumerate(tr.requests)] +
-                        [(t.request.end, 0, k) for k, t in enumerate(tr.requests)])
-        given = {}
+    planned = iter(plan.offsets)
+    offsets = {k: next(planned) if t.role == "transient" else -1 for k, t in enumerate(tr.requests)}
+    order = sorted(range(len(tr.requests)), key=lambda k: tr.requests[k].request.start)  # allocation order
+    core = host_core()
+    assert core.lib.lt_region_alloc(plan.peak_bytes) == 0
+    core.set_plan(0, [tr.requests[k].request.size for k in order], [offsets[k] for k in order])
+    events = sorted([(t.request.start, 1, k) for k, t in enumerate(tr.requests)] +
+                    [(t.request.end, 0, k) for k, t in enumerate(tr.requests)])
+    for _ in range(2):
+        core.window_begin(0, 1)
+        ptr = {}
         for _, is_alloc, k in events:
             if is_alloc:
-                given[k] = rep.alloc(tr.requests[k].request.size)
-            elif given.get(k) is not None:
-                rep.free(given[k])
-        assert rep.misses == 0 and rep.refused == 0
+                ptr[k] = core.malloc(tr.requests[k].request.size, 1)
+            else:
+                core.free(ptr.pop(k), 1)
+        core.window_end()
+        for p in ptr.values():
+            core.free(p, 1)
+    st = core.stats()
     n_transient = sum(t.role == "transient" for t in tr.requests)
-    assert rep.served == 2 * n_transient
-
-
-def test_replay_falls_back_on_a_changed_shape_and_warns_once(caplog):
-    tr, plan, PlanReplayer, replay_slots = _debug_layer_plan()
-    rep = PlanReplayer(plan, replay_slots(tr, plan), check=True)
-    sizes = [t.request.size for t in tr.requests]
-    k0 = next(k for k, t in enumerate(tr.requests) if t.role == "transient")  # the first planned request
-    with caplog.at_level("WARNING"):
-        for s in sizes[:k0]:
-            assert rep.alloc(s) is None  # not planned: the normal allocator's
-        assert rep.alloc(sizes[k0]) == plan.offsets[0]
-        assert rep.alloc(sizes[k0 + 1] * 2) is None  # a different sequence length: miss
-        assert all(rep.alloc(s) is None for s in sizes[k0 + 2:])  # never guesses after a miss
-        rep.begin_pass()
-        assert rep.alloc(sizes[0] // 2) is None  # the same mismatch next pass: counted, not warned again
-    assert rep.misses == len(sizes) - (k0 + 1) + 1
-    assert sum("plan expects" in r.message for r in caplog.records) == 1
-    rep.begin_pass()
-    for s in sizes[:k0]:
-        rep.alloc(s)
-    served = rep.served
-    assert rep.alloc(sizes[k0]) == plan.offsets[0] and rep.served == served + 1  # traced shapes: served again
-
-
-def test_replay_check_mode_refuses_a_block_still_live():
-    # Two requests that the plan stacks at the same offset (disjoint lifetimes); the caller "forgets"
-    # the first free: check mode must refuse to hand the bytes out twice.
-    from longtrain.memory.planner.replay import PlanReplayer, Slot
-
-    plan = solve_plan([Request(8, 0, 1), Request(8, 1, 2)], time_limit_s=1)
-    assert plan.offsets == [0, 0]
-    rep = PlanReplayer(plan, [Slot(8, 0), Slot(8, 1)], check=True)
-    assert rep.alloc(8) == 0
-    assert rep.alloc(8) is None and rep.refused == 1
-    with pytest.raises(ValueError, match="not a live planned block"):
-        rep.free(4096)
+    assert st["served"] == 2 * n_transient and n_transient > 0
+    assert (st["miss_size"], st["miss_length"], st["refused_overlap"], st["allocated"]) == (0, 0, 0, 0)
 
 
 def test_planner_modules_are_pure_python():
@@ -346,7 +316,7 @@ def test_planner_modules_are_pure_python():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "longtrain" / "memory" / "planner"
-    for name in ("core.py", "levels.py", "replay.py"):
+    for name in ("core.py", "levels.py"):
         tree = ast.parse((root / name).read_text())
         mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
