@@ -34,6 +34,9 @@ script in a fresh process (under torchrun when --nproc > 1, or when launched by 
 searches and starts its attempts on this node), from --seq-start doubling until an attempt fails,
 then bisecting down to --seq-step. An attempt ran out of memory when it exits non-zero after printing
 the OOM marker; any other failure stops the search and is reported as a failure, not as OOM.
+--gpu-budget-gib B leaves each run B GiB of its GPU (one ballast allocation takes the rest first), so the
+search compares allocators or policies for a smaller memory in shorter attempts. With
+memory.planner.enabled the record also holds the plan's summary, its counters and its refusals.
 """
 
 from __future__ import annotations
@@ -669,6 +672,10 @@ def add_measure_args(p: argparse.ArgumentParser, *, seq_what: str, seq_start: in
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_intermixed_args(argv)
+    if ns.gpu_budget_gib < 0:
+        print(f"bench_train: error: --gpu-budget-gib {ns.gpu_budget_gib} must be >= 0 (GiB; 0: all of the GPU)",
+              file=sys.stderr)
+        return EXIT_USAGE
     if ns.steps < 1 or ns.warmup < 0 or (ns.layers is not None and ns.layers < 1):
         print(f"bench_train: error: need --steps >= 1 (got {ns.steps}), --warmup >= 0 (got {ns.warmup}) and "
               f"--layers >= 1 (got {ns.layers})", file=sys.stderr)
