@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from longtrain.memory.planner import MemoryPlan
-from longtrain.memory.planner.runtime import ALIGNMENT, PlanRuntime, attach_windows, host_core, plan_iteration
+from longtrain.memory.planner.runtime import (ALIGNMENT, PlanRuntime, attach_windows, host_core,
+                                              plan_recorded_iteration)
 
 S1, S2 = 1, 2  # stream handles
 
@@ -135,7 +136,7 @@ def test_record_mode_logs_allocations_and_frees(core):
     ev = core.events()
     assert [(e[0], e[1], e[2], e[3], e[4]) for e in ev] == [
         (0, seq, 0, 100, 1), (0, seq, 1, 200, 0), (1, seq, -1, 100, 0), (1, -1, -1, 200, 0)]
-    plan = plan_iteration(ev, [("fwd", 0)], [seq])
+    plan = plan_recorded_iteration(ev, [("fwd", 0)], [seq])
     assert plan.sizes == [[100, 200]] and plan.offsets[0][1] == -1  # b: another stream, outlives the window
     assert plan.offsets[0][0] >= 0 and plan.level1[0].requests[0].size == 100
     core.lib.lt_record_clear()
@@ -144,7 +145,7 @@ def test_record_mode_logs_allocations_and_frees(core):
     core.record_stream(c, S2)  # read by a copy stream: busy after its free, so not planned
     core.free(c, S1)
     ev = core.events()
-    assert ev[-1][4] == 1 and plan_iteration(ev, [("fwd", 0)], [seq]).offsets == [[-1]]
+    assert ev[-1][4] == 1 and plan_recorded_iteration(ev, [("fwd", 0)], [seq]).offsets == [[-1]]
 
 
 def test_check_mode_counts_lifetimes_that_break_the_plan(core):
@@ -200,7 +201,7 @@ def test_random_replay_never_hands_out_live_memory(core, seed):
     for k in list(ptr):
         core.free(ptr.pop(k), S1)
     core.lib.lt_set_record(0)
-    ip = plan_iteration(core.events(), [("fwd", 0)], [seq])
+    ip = plan_recorded_iteration(core.events(), [("fwd", 0)], [seq])
     assert ip.level1[0].peak_bytes >= ip.level1[0].lower_bound_bytes
     peak = ip.region_bytes
     base = _region(core, peak)
@@ -362,7 +363,7 @@ def test_recompute_inside_backward_belongs_to_the_backward_window(core):
 def test_plans_are_shared_by_identical_windows_and_aligned():
     ev = [(0, 0, 0, 1000, 1, 1), (1, 0, -1, 1000, 0, 1), (0, 1, 0, 1000, 1, 2), (1, 1, -1, 1000, 0, 2),
           (0, 2, 0, 3000, 1, 3), (0, 2, 1, 100, 1, 4), (1, 2, -1, 3000, 0, 3), (1, 3, -1, 100, 0, 4)]
-    plan = plan_iteration(ev, [("fwd", 0), ("fwd", 1), ("bwd", 0), ("gap", -1)], [0, 1, 2, 3])
+    plan = plan_recorded_iteration(ev, [("fwd", 0), ("fwd", 1), ("bwd", 0), ("gap", -1)], [0, 1, 2, 3])
     assert plan.level1[0] is plan.level1[1] and plan.level1[2].peak_bytes == 3072 and ALIGNMENT == 512
     assert plan.offsets[2][1] >= 0 and plan.free_at[2] == [2, 3]  # the 100 bytes cross into the gap
     assert plan.region_bytes == 3072 + 512

@@ -1,4 +1,4 @@
-"""The planned runtime: serves level-1 plans on the GPU (`memory.planner.enabled`).
+"""The planned runtime: serves MEMO's two-level plan on the GPU (`memory.planner.enabled`).
 
 How it works (docs/memory-planner.md, "The runtime"):
 
@@ -7,16 +7,17 @@ How it works (docs/memory-planner.md, "The runtime"):
    built with `torch.utils.cpp_extension` against the torch that runs. The shim wires torch's pluggable
    allocator to the core's malloc/free *and* its `record_stream` hook (the Python API binds only malloc
    and free), turns a failed allocation into torch's OutOfMemoryError, and answers
-   `torch.cuda.memory_stats()` and `empty_cache()` (so `max_memory_allocated`, `max_memory_reserved` and their reset, which
-   the pluggable allocator refuses, report the core's bytes: the region plus the fallback pool).
-2. `attach_windows` hooks every decoder layer (outermost, after the activation policy) so that
-   its forward and its backward are *windows* of the core: begin/end around the forward; the backward
-   window opens when the layer's output gradient arrives and closes when its input gradient is made.
+   `torch.cuda.memory_stats()` and `empty_cache()` (so `max_memory_allocated`, `max_memory_reserved` and
+   their reset, which the pluggable allocator refuses, report the core's bytes: region plus fallback pool).
+2. `attach_windows` hooks every decoder layer (outermost, after the activation policy) so that its
+   forward and its backward are *windows* of the core: begin/end around the forward; the backward window
+   opens when the layer's output gradient arrives and closes when its input gradient is made; what runs
+   between two layer passes is a *gap* window.
 3. One training iteration (`record_iteration`, default the second: the first allocates gradients,
-   optimizer state and host buffers once) is recorded; at the start of the next one the plans are made:
-   per window, the requests allocated and freed inside it on its stream are *transient* and get a
-   level-1 plan (`solve_plan`, 512-byte alignment); windows with the same requests share a plan; one
-   region of the largest plan's peak is allocated. From then on every window replays its plan.
+   optimizer state and host buffers once) is recorded; at the start of the next one
+   `plan_recorded_iteration` plans it on both levels (level 1: each layer pass's transients; level 2: the iteration, a block per
+   layer pass plus the requests that cross windows), one region of level 2's peak is allocated, and every
+   later iteration's window p replays plan p.
 
 What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
 live planned block overlaps it; a request whose size, stream or position differs from the plan turns
@@ -190,7 +191,8 @@ class IterationPlan:
         return sum(o >= 0 for offs in self.offsets for o in offs)
 
 
-def plan_iteration(events, layout: list[Window], seqs: list[int], *, time_limit_s: float = 60.0) -> IterationPlan:
+def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
+                            time_limit_s: float = 60.0) -> IterationPlan:
     """Plans one recorded iteration (`events` of the core's record, windows `seqs` in order, `layout[p]`
     what window p was).
 
@@ -333,7 +335,7 @@ class PlanRuntime:
         self.core.lib.lt_record_clear()
         seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
         try:
-            plan = plan_iteration(events, layout, seqs, time_limit_s=self.time_limit_s)
+            plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=self.time_limit_s)
         except ValueError as e:
             self._off()
             log.warning("memory plan: cannot plan the recorded iteration (%s); the fallback allocator serves "
@@ -596,4 +598,4 @@ def active_core() -> Core | None:
 
 
 __all__ = ["Core", "IterationPlan", "PlanRuntime", "active_core", "attach_windows", "build_core", "host_core",
-           "install_cuda_allocator", "plan_iteration"]
+           "install_cuda_allocator", "plan_recorded_iteration"]
