@@ -3,9 +3,9 @@
 
 With the planner on and CUDA present, the planned allocator becomes the process's CUDA allocator before
 CUDA starts, and every decoder layer's forward and backward become windows of it: one recorded iteration
-is planned on both levels and replayed (docs/memory-planner.md). On CPU, or when the allocator cannot be built here (no C compiler, no CUDA
-toolkit for the torch shim), the run trains with the normal allocator and says why in one warning, so
-the same recipe runs everywhere.
+is planned on both levels and replayed (docs/memory-planner.md). On CPU, or when the allocator cannot be
+built here (no C compiler, no CUDA toolkit for the torch shim), the run trains with the normal allocator
+and says why in one warning, so the same recipe runs everywhere.
 """
 
 from __future__ import annotations

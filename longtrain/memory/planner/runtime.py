@@ -15,9 +15,9 @@ How it works (docs/memory-planner.md, "The runtime"):
    between two layer passes is a *gap* window.
 3. One training iteration (`record_iteration`, default the second: the first allocates gradients,
    optimizer state and host buffers once) is recorded; at the start of the next one
-   `plan_recorded_iteration` plans it on both levels (level 1: each layer pass's transients; level 2: the iteration, a block per
-   layer pass plus the requests that cross windows), one region of level 2's peak is allocated, and every
-   later iteration's window p replays plan p.
+   `plan_recorded_iteration` plans it on both levels (level 1: each layer pass's transients; level 2:
+   the iteration, a block per layer pass plus the requests that cross windows), one region of level 2's
+   peak is allocated, and every later iteration's window p replays plan p.
 
 What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
 live planned block overlaps it; a request whose size, stream or position differs from the plan turns
