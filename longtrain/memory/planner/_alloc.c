@@ -1,10 +1,11 @@
 /* longtrain's planned allocator: the core of `memory.planner.enabled` (docs/memory-planner.md).
  *
  * Every device allocation of the process comes here (torch's pluggable-allocator hooks, installed by
- * runtime.py). Inside a *window* (one decoder layer's forward, or its backward) the k-th request is
- * matched with the k-th request of that window's plan: when the plan places it and the size is the
- * planned one, it gets `region + offset[k]` in one region allocated once; everything else (requests
- * outside windows, unplanned requests, any request after a mismatch in its window) is served by the
+ * runtime.py). Inside a *window* (one decoder layer's forward, or its backward, or what runs between
+ * two of those) the k-th request is matched with the k-th request of that window's plan: when the plan
+ * places it and the size is the planned one, it gets `region + offset[k]` in one region allocated once;
+ * everything else (requests outside windows or without a plan, unplanned requests, refused ones, any
+ * request after a mismatch in its window) is served by the
  * fallback allocator: CUDA's stream-ordered allocator (cudaMallocAsync on the device's default pool;
  * it returns freed memory to the device until the plan serves, then keeps it: lt_pool_keep).
  *
@@ -21,7 +22,8 @@
  *
  * Record mode logs every allocation and free (6 int64 each: type, window, k, size, flag, block id; the
  * flag is "on the window's stream" for an allocation, "used by another stream" for a free) so that
- * runtime.py can build the plans from a real step. A host backend (malloc, simulated events) lets the CPU tests drive this exact code.
+ * runtime.py can build the plans from a real step. A host backend (malloc, simulated events) lets the
+ * CPU tests drive this exact code. Refusals are logged with the block in the way, for diagnosis.
  *
  * No CUDA headers: the runtime functions are looked up with dlsym in the libcudart torch loaded.
  */
