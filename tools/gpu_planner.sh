@@ -5,7 +5,9 @@
 # Parts:
 #   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
-#           allocators side by side (3 warm-up steps: the second is recorded, the third plans; 3 timed steps replay)
+#           allocators side by side (4 warm-up steps: the second is recorded and the third plans, or with
+#           planned-late the third and the fourth; 3 timed steps replay). Variants: caching expandable
+#           planned planned-late (default: the first three)
 #   fits    within a GPU budget (GiB; a ballast takes the rest), one attempt per allocator:length pair
 #   maxlen  the longest sequence each allocator trains (fresh process per attempt) within a GPU budget
 set -uo pipefail
@@ -18,6 +20,7 @@ variant() {  # name -> overrides
     caching) echo "memory.allocator=default" ;;
     expandable) echo "memory.allocator=expandable" ;;
     planned) echo "memory.planner.enabled=true memory.planner.time_limit_s=20" ;;
+    planned-late) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=2" ;;
   esac
 }
 case "${1:-}" in
@@ -27,7 +30,7 @@ case "${1:-}" in
   side)
     for v in ${2:-caching expandable planned}; do
       timeout 200 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) --layers 4 --steps 3 \
-        --warmup 3 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter | tee "$OUT/side_$v.log" | tail -14
+        --warmup 4 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter | tee "$OUT/side_$v.log" | tail -14
     done ;;
   fits)  # budget GiB, then allocator:seq pairs: one attempt each (a fresh process), fits or runs out of memory
     B=$2; shift 2
