@@ -61,6 +61,7 @@ static void *pool;
 #define ATTR_RESERVED_CURRENT 5
 #define ATTR_RESERVED_HIGH 6
 #define EVENT_DISABLE_TIMING 2
+#define ERR_NOT_READY 600
 
 /* host backend: events are tickets, complete once the test says so */
 static int64_t host_tickets, host_done, host_reserved, host_reserved_peak, host_limit;
@@ -279,7 +280,9 @@ static int event_done(void *ev) {
     if (backend == BACKEND_HOST) return (int64_t)(intptr_t)ev <= host_done;
     cuerr_t e = c_event_query(ev);
     if (e == 0) return 1;
-    c_get_last_error(); /* cudaErrorNotReady is sticky-free, but clear it anyway */
+    /* not ready (600) is a status, not an error, and must not clear an error torch has yet to read;
+     * anything else is the query's own failure: clear it and keep the block until a later look */
+    if (e != ERR_NOT_READY) c_get_last_error();
     return 0;
 }
 
@@ -455,7 +458,10 @@ static void *alloc_locked(size_t size, stream_t stream) {
             /* everything deferred, then the pool's cached memory back to the device, then once more */
             st[S_OOM_RETRIES]++;
             process_deferred(1);
-            if (backend == BACKEND_CUDA) { c_device_sync(); c_pool_trim(pool, 0); }
+            if (backend == BACKEND_CUDA) {
+                c_device_sync();
+                if (c_pool_trim(pool, 0)) c_get_last_error();
+            }
             ptr = fallback_alloc(size, stream);
         }
         if (!ptr) { free(b); return NULL; }
