@@ -81,10 +81,8 @@ import argparse
 import contextlib
 import math
 import os
-import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -99,8 +97,7 @@ if str(ROOT) not in sys.path:
 import bench_train as bt  # noqa: E402
 import torch_native as tn  # noqa: E402
 
-from longtrain.models.presets import PRESETS, LlamaArgs  # noqa: E402
-from longtrain.train.metrics import host_peak_rss_gib  # noqa: E402
+from longtrain.models.presets import LlamaArgs  # noqa: E402
 
 PEER = "alst"
 DEFAULTS = tn.DEFAULTS  # longtrain's optimizer settings and MFU basis: the same for every peer
@@ -467,51 +464,15 @@ def run_peer(ns) -> dict | None:
     import torch.distributed as dist
 
     args = peer_shape(ns)
-    full_depth = PRESETS[ns.preset].num_hidden_layers
-    allocator = None
-    if torch.cuda.is_available():  # before CUDA starts, as longtrain does (ALST: expandable segments)
-        from longtrain.memory.arena import set_cuda_allocator_mode
-
-        allocator = set_cuda_allocator_mode("expandable" if ns.expandable_segments else "default")
-    peer = Peer(ns)
-    cuda = peer.device.type == "cuda"
-    torch.manual_seed(ns.seed)
-    matmul, probe = None, {}
-    if cuda:  # before the model exists, so its memory is free; its buffers are not in the peaks below
-        matmul = bt.matmul_tflops(peer.device, ns.matmul_n)
-        backend, probe = tn.probe_backends(peer.device, args, ns.sdpa_backend)
-    else:
-        backend = "cpu"
-    peer.build(args, backend)
-    if cuda:
-        torch.cuda.synchronize(peer.device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(peer.device)
-    recs = []
-    for i in range(ns.warmup + ns.steps):
-        rec = peer.train_step(ns.seq_len, i)
-        recs.append(rec)
-        _say(f"  step {i + 1}/{ns.warmup + ns.steps}{' (warm-up)' if i < ns.warmup else ''}: loss {rec['loss']:.4f}, "
-             f"grad norm {rec['grad_norm']:.4g}, {rec['step_time_s']:.3f} s, {rec['tokens_per_s']:,.0f} tokens/s")
+    run = tn.start_peer(ns, Peer, args)  # ALST's allocator: expandable segments (--expandable-segments)
+    peer, cuda = run.peer, run.cuda
+    all_recs = tn.train_peer(ns, run, lambda rec: f", grad norm {rec['grad_norm']:.4g}")
     geometry = check_geometry(peer, ns.seq_len)
     if not geometry["ok"]:
         raise RuntimeError(f"SDPA did not see the Ulysses geometry: {geometry}")
-    all_recs, recs = recs, recs[ns.warmup:]
-    # read before the profiled step: the profiler's own host memory is not the peer's
-    mem = torch.tensor([torch.cuda.max_memory_allocated(peer.device) / 2**30 if cuda else -1.0,
-                        torch.cuda.max_memory_reserved(peer.device) / 2**30 if cuda else -1.0,
-                        host_peak_rss_gib(),
-                        max((r["offload"] or {}).get("offloaded_bytes", 0) for r in all_recs) / 2**30],
-                       dtype=torch.float64, device=peer.device)
-    prof = None
-    if (cuda if ns.profile_step is None else ns.profile_step):  # bench_train's profiled step, on the peer's step
-        n = ns.warmup + ns.steps
-        stepper = types.SimpleNamespace(train_step=lambda: peer.train_step(ns.seq_len, n))
-        prof = [bt.profile_step(stepper, cuda, peer.rank, ns.trace_dir)]
-        if peer.world > 1:
-            gathered = [None] * peer.world
-            dist.all_gather_object(gathered, prof[0])
-            prof = gathered
+    recs = all_recs[ns.warmup:]
+    mem = tn.peer_memory(run, max((r["offload"] or {}).get("offloaded_bytes", 0) for r in all_recs) / 2**30)
+    prof = tn.profile_peer(ns, run)
     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
     offload_per_step = sorted({tuple(sorted(r["offload"].items())) for r in recs if r["offload"]})
     dist.destroy_process_group()
@@ -519,56 +480,24 @@ def run_peer(ns) -> dict | None:
         return None
 
     import deepspeed
-    import transformers
 
-    from longtrain.train.trainer import git_sha
-
-    mid = sorted(recs, key=lambda r: r["step_time_s"])[len(recs) // 2]  # the step of median time
-    split = {"step_s": mid["step_time_s"]}
-    if prof is None:
-        why = ("CPU: no GPU timeline to split" if not cuda else "no step profiled") + " (--profile-step profiles one)"
-    else:
-        measured, why = bt.combine_splits(prof)
-        split.update(measured)
-    split["profiled"] = prof is not None
-    tflops = mid["tflops_per_device"]
-    peak = ns.peak_tflops if cuda else None
+    backend = run.backend
     z = peer.ds_cfg["zero_optimization"]
     return {
-        "kind": "bench", "peer": PEER, "recipe": PEER,
+        **tn.peer_record(ns, run, PEER, args, recs, prof, mem),
         "overrides": [f"preset={ns.preset}", f"sdpa_backend={backend}", f"sp={peer.sp}",
                       f"loss_grad={ns.loss_grad}"] + (["untie_embeddings"] if ns.untie_embeddings else [])
                      + ([] if ns.tiled_mlp else ["tiled_mlp=off"])
                      + ([] if ns.offload_checkpoints else ["offload_checkpoints=off"])
                      + (["offload_optimizer=cpu"] if ns.offload_optimizer else []),
-        "preset": ns.preset, "seq_len": ns.seq_len,
-        "world_size": peer.world, "dp": peer.dp, "sp": peer.sp, "cp": 1, "sequences_per_step": peer.dp,
-        "layers": args.num_hidden_layers, "model_layers": full_depth,
-        "depth_truncated": args.num_hidden_layers < full_depth,
-        "device": peer.device.type, "device_name": torch.cuda.get_device_name(peer.device) if cuda else "cpu",
-        "precision": ns.precision, "attention_kernel": backend, "engine": "deepspeed-zero3",
+        "sp": peer.sp, "cp": 1, "precision": ns.precision, "engine": "deepspeed-zero3",
         "activation_policy": "recompute+offload" if ns.offload_checkpoints else "recompute",
-        "steps": ns.steps, "warmup": ns.warmup,
-        "step_time_s": mid["step_time_s"], "step_time_s_mean": statistics.fmean(r["step_time_s"] for r in recs),
-        "tokens_per_s": mid["tokens_per_s"], "tflops_per_device": tflops,
-        "peak_tflops": peak, "mfu": tflops / peak if peak else None,
-        "matmul_tflops": matmul, "matmul_n": ns.matmul_n if cuda else None,
-        "mfu_measured": tflops / matmul if matmul else None,
-        "mfu_note": None if cuda else "CPU: no peak FLOP rate to compare with (datasheet or measured matmul)",
-        "flops_per_step": tn.peer_flops(args, peer.dp, ns.seq_len),
-        "peak_mem_allocated_gib": mem[0].item() if cuda else None,
-        "peak_mem_reserved_gib": mem[1].item() if cuda else None,
-        "swap_host_gib": mem[3].item(), "host_peak_rss_gib": mem[2].item(),
-        "time_split": split,
-        "not_measured": [k for k in bt.SPLIT_KEYS if k not in split],
-        "not_measured_why": why,
-        "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
-        "grad_norm_last": recs[-1]["grad_norm"],
+        "swap_host_gib": mem[3].item(),
         "losses": [r["loss"] for r in all_recs], "grad_norms": [r["grad_norm"] for r in all_recs],
         "config": {
             "model": "transformers.LlamaForCausalLM (attn_implementation=sdpa), random init (per-parameter seeds), "
                      "built under deepspeed.zero.Init",
-            "sdpa_backend": backend, "sdpa_backend_requested": ns.sdpa_backend, "sdpa_backend_probe": probe,
+            "sdpa_backend": backend, "sdpa_backend_requested": ns.sdpa_backend, "sdpa_backend_probe": run.probe,
             "sp": peer.sp, "sp_method": "ulysses (UlyssesSPAttentionHF.register_with_transformers, sdpa)",
             "sp_mask": "HF sdpa mask builder returns None (sp > 1)" if peer.sp > 1 else "HF's (None: no padding)",
             "batch": "UlyssesSPDataLoaderAdapter (contiguous shards, pre-shifted labels)",
@@ -601,9 +530,7 @@ def run_peer(ns) -> dict | None:
                    "offload_per_step": [dict(t) for t in offload_per_step],
                    "offload_note": None if cuda else ("CPU: DeepSpeed's offload engine keeps tensors that are not on "
                                                       "an accelerator in place (the marked ones count as skipped)")},
-        "git_sha": git_sha(), "torch_version": torch.__version__, "transformers_version": transformers.__version__,
         "deepspeed_version": deepspeed.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cuda_allocator": allocator,
     }
 
 
@@ -639,22 +566,13 @@ SWITCHES = (("tiled_mlp", "--no-tiled-mlp"), ("offload_checkpoints", "--no-offlo
 
 def attempt_argv(ns, seq: int, out: Path) -> list[str]:
     """The flags of one --find-max-seq attempt: this run's settings at `seq` tokens."""
-    argv = [f for flag, dest in FORWARDED if getattr(ns, dest) is not None for f in (flag, str(getattr(ns, dest)))]
-    argv += [flag for dest, flag in SWITCHES if not getattr(ns, dest)]
-    argv += ["--offload-optimizer"] if ns.offload_optimizer else []
-    argv += ["--untie-embeddings"] if ns.untie_embeddings else []
-    if ns.profile_step is not None:  # the attempts' traces are not kept: one directory would hold them all
-        argv.append("--profile-step" if ns.profile_step else "--no-profile-step")
-    return argv + ["--seq-len", str(seq), "--json", str(out)]
+    switches = [flag for dest, flag in SWITCHES if not getattr(ns, dest)]
+    switches += ["--offload-optimizer"] if ns.offload_optimizer else []
+    switches += ["--untie-embeddings"] if ns.untie_embeddings else []
+    return tn.forwarded_argv(ns, FORWARDED, switches, seq, out)
 
 
-def child_runner(ns, nproc: int, workdir: Path):
-    def run(seq: int) -> bt.Attempt:
-        out = workdir / f"seq_{seq}.json"
-        return bt.run_attempt(str(Path(__file__).resolve()), attempt_argv(ns, seq, out), nproc, seq, out,
-                              ns.attempt_timeout)
-
-    return run
+child_runner = tn.attempt_runner(str(Path(__file__).resolve()), attempt_argv)
 
 
 def find_max_seq(ns) -> int:
@@ -686,16 +604,9 @@ def check_flags(ns) -> None:
     """Refusals before any process group or GPU memory exists."""
     import importlib.util
 
-    if ns.steps < 1 or ns.warmup < 0 or (ns.layers is not None and ns.layers < 1):
-        raise bt.UsageError(f"need --steps >= 1 (got {ns.steps}), --warmup >= 0 (got {ns.warmup}) and --layers >= 1 "
-                            f"(got {ns.layers})")
+    tn.check_common_flags(ns)
     if not ns.loss_shard_gib > 0:
         raise bt.UsageError(f"--loss-shard-gib {ns.loss_shard_gib} must be > 0")
-    if ns.trace_dir and (ns.profile_step is False or ns.find_max_seq):
-        raise bt.UsageError("--trace-dir keeps the trace of the profiled step: it needs a profiled step (not "
-                            "--no-profile-step) and a single run (not --find-max-seq)")
-    if ns.trace_dir:
-        ns.profile_step = True
     if peer_shape(ns).tie_word_embeddings:
         raise bt.UsageError(f"--preset {ns.preset} ties the LM head to the embedding: TiledFusedLogitsLoss reduces the "
                             "LM head's gradient under ZeRO-3 inside the forward, and the embedding's gradient then "
@@ -767,25 +678,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # DeepSpeed calls torch collectives that torch marks deprecated, once per step: noise, not news
     warnings.filterwarnings("ignore", message=r".* is deprecated\. Please use", category=FutureWarning)
-    ns = build_parser().parse_args(argv)
-    try:
-        check_flags(ns)
-        if ns.find_max_seq:
-            return find_max_seq(ns)
-        rec = run_peer(ns)
-        if rec is not None:
-            print_peer(rec)
-            if ns.json:
-                bt.append_json(ns.json, [rec])
-                print(f"record appended to {ns.json}", flush=True)
-    except bt.UsageError as e:
-        if _rank() == 0:
-            print(f"alst: error: {e}", file=sys.stderr, flush=True)
-        return bt.EXIT_USAGE
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        bt.exit_if_oom(e)
-        raise
-    return 0
+    return tn.peer_main(build_parser().parse_args(argv), "alst", check_flags, find_max_seq, run_peer, print_peer)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -443,67 +444,88 @@ class Peer:
                 "ok": err <= 2e-2 and positions_ok}
 
 
-def run_peer(ns) -> dict | None:
-    """Every rank trains warmup + steps steps; rank 0 returns the record (the others None)."""
-    import torch.distributed as dist
+# ---- what every peer's run does the same way (this peer and tools/peers/alst.py) --------------------
 
-    args = model_shape(ns.preset, ns.layers)
-    full_depth = PRESETS[ns.preset].num_hidden_layers
+@dataclasses.dataclass
+class PeerRun:
+    peer: object  # the peer's Peer: device, rank, world, dp, train_step(seq_len, step)
+    cuda: bool
+    allocator: str | None  # the CUDA allocator mode, as longtrain reports it
+    matmul: float | None  # measured bf16 matmul TFLOP/s (the second MFU basis)
+    backend: str  # the SDPA backend used
+    probe: dict  # what the backend probe measured
+
+
+def start_peer(ns, make_peer, args: LlamaArgs) -> PeerRun:
+    """Allocator mode (before CUDA starts, as longtrain sets it), the peer's process, the matmul basis and
+    the SDPA backend probe (before the model exists, so its memory is free and its buffers are not in the
+    peaks), then the model."""
     allocator = None
-    if torch.cuda.is_available():  # before CUDA starts, as longtrain does
+    if torch.cuda.is_available():
         from longtrain.memory.arena import set_cuda_allocator_mode
 
         allocator = set_cuda_allocator_mode("expandable" if ns.expandable_segments else "default")
-    peer = Peer(ns)
+    peer = make_peer(ns)
     cuda = peer.device.type == "cuda"
     torch.manual_seed(ns.seed)
-    matmul, probe = None, {}
-    if cuda:  # before the model exists, so its memory is free; its buffers are not in the peaks below
+    matmul, probe, backend = None, {}, "cpu"
+    if cuda:
         matmul = bt.matmul_tflops(peer.device, ns.matmul_n)
         backend, probe = probe_backends(peer.device, args, ns.sdpa_backend)
-    else:
-        backend = "cpu"
     peer.build(args, backend)
-    cp_check = None
-    if cuda and peer.cp > 1 and ns.verify_cp:
-        cp_check = peer.check_cp(min(ns.seq_len, 2 * peer.cp * 4096))
-        if not cp_check["ok"]:
-            raise RuntimeError(f"context-parallel attention differs from single-device SDPA: {cp_check}")
-    if cuda:
+    return PeerRun(peer, cuda, allocator, matmul, backend, probe)
+
+
+def train_peer(ns, run: PeerRun, describe=lambda rec: "") -> list[dict]:
+    """Peaks reset, then warmup + steps steps, each said on rank 0 (`describe(rec)` adds to the line);
+    returns every step's record."""
+    peer = run.peer
+    if run.cuda:
         torch.cuda.synchronize(peer.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(peer.device)
     recs = []
     for i in range(ns.warmup + ns.steps):
         rec = peer.train_step(ns.seq_len, i)
-        if i >= ns.warmup:
-            recs.append(rec)
-        _say(f"  step {i + 1}/{ns.warmup + ns.steps}{' (warm-up)' if i < ns.warmup else ''}: loss {rec['loss']:.4f}, "
-             f"{rec['step_time_s']:.3f} s, {rec['tokens_per_s']:,.0f} tokens/s")
-    # read before the profiled step: the profiler's own host memory is not the peer's
-    mem = torch.tensor([torch.cuda.max_memory_allocated(peer.device) / 2**30 if cuda else -1.0,
-                        torch.cuda.max_memory_reserved(peer.device) / 2**30 if cuda else -1.0,
-                        host_peak_rss_gib()], dtype=torch.float64, device=peer.device)
-    prof = None
-    if (cuda if ns.profile_step is None else ns.profile_step):  # bench_train's profiled step, on the peer's step
-        n = ns.warmup + ns.steps
-        stepper = types.SimpleNamespace(train_step=lambda: peer.train_step(ns.seq_len, n))
-        prof = [bt.profile_step(stepper, cuda, peer.rank, ns.trace_dir)]
-        if peer.world > 1:
-            gathered = [None] * peer.world
-            dist.all_gather_object(gathered, prof[0])
-            prof = gathered
-    dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-    calls = sorted({r["sdpa_calls"] for r in recs})
-    gqa_seen = sorted(peer.guard.gqa_seen)
-    dist.destroy_process_group()
-    if peer.rank != 0:
-        return None
+        recs.append(rec)
+        _say(f"  step {i + 1}/{ns.warmup + ns.steps}{' (warm-up)' if i < ns.warmup else ''}: loss {rec['loss']:.4f}"
+             f"{describe(rec)}, {rec['step_time_s']:.3f} s, {rec['tokens_per_s']:,.0f} tokens/s")
+    return recs
 
+
+def peer_memory(run: PeerRun, *extra: float) -> torch.Tensor:
+    """Peak allocated and reserved GiB, peak RSS and `extra`, on the device for an all-reduce (MAX).
+    Read before the profiled step: the profiler's own host memory is not the peer's."""
+    cuda, dev = run.cuda, run.peer.device
+    return torch.tensor([torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else -1.0,
+                         torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else -1.0,
+                         host_peak_rss_gib(), *extra], dtype=torch.float64, device=dev)
+
+
+def profile_peer(ns, run: PeerRun) -> list[dict] | None:
+    """bench_train's profiled step, on one more of the peer's steps (every rank's split, on every rank)."""
+    import torch.distributed as dist
+
+    if not (run.cuda if ns.profile_step is None else ns.profile_step):
+        return None
+    peer, n = run.peer, ns.warmup + ns.steps
+    stepper = types.SimpleNamespace(train_step=lambda: peer.train_step(ns.seq_len, n))
+    prof = [bt.profile_step(stepper, run.cuda, peer.rank, ns.trace_dir)]
+    if peer.world > 1:
+        gathered = [None] * peer.world
+        dist.all_gather_object(gathered, prof[0])
+        prof = gathered
+    return prof
+
+
+def peer_record(ns, run: PeerRun, name: str, args: LlamaArgs, recs: list[dict], prof, mem: torch.Tensor) -> dict:
+    """The fields bench_train's records have, for the timed steps `recs` (rank 0); each peer adds its own."""
     import transformers
 
     from longtrain.train.trainer import git_sha
 
+    peer, cuda = run.peer, run.cuda
+    full_depth = PRESETS[ns.preset].num_hidden_layers
     mid = sorted(recs, key=lambda r: r["step_time_s"])[len(recs) // 2]  # the step of median time
     split = {"step_s": mid["step_time_s"]}
     if prof is None:
@@ -514,35 +536,62 @@ def run_peer(ns) -> dict | None:
     split["profiled"] = prof is not None
     tflops = mid["tflops_per_device"]
     peak = ns.peak_tflops if cuda else None
-    rotate = ns.rotate_method if peer.cp > 1 else None
     return {
-        "kind": "bench", "peer": PEER, "recipe": PEER,
-        "overrides": [f"preset={ns.preset}", f"sdpa_backend={backend}", f"cp={peer.cp}", f"gqa={ns.gqa}"],
-        "preset": ns.preset, "seq_len": ns.seq_len,
-        "world_size": peer.world, "dp": peer.dp, "sp": peer.cp, "cp": peer.cp, "sequences_per_step": peer.dp,
+        "kind": "bench", "peer": name, "recipe": name, "preset": ns.preset, "seq_len": ns.seq_len,
+        "world_size": peer.world, "dp": peer.dp, "sequences_per_step": peer.dp,
         "layers": args.num_hidden_layers, "model_layers": full_depth,
         "depth_truncated": args.num_hidden_layers < full_depth,
         "device": peer.device.type, "device_name": torch.cuda.get_device_name(peer.device) if cuda else "cpu",
-        "precision": "bf16", "attention_kernel": backend, "engine": "fsdp2", "activation_policy": "recompute",
-        "steps": ns.steps, "warmup": ns.warmup,
+        "attention_kernel": run.backend, "steps": ns.steps, "warmup": ns.warmup,
         "step_time_s": mid["step_time_s"], "step_time_s_mean": statistics.fmean(r["step_time_s"] for r in recs),
         "tokens_per_s": mid["tokens_per_s"], "tflops_per_device": tflops,
         "peak_tflops": peak, "mfu": tflops / peak if peak else None,
-        "matmul_tflops": matmul, "matmul_n": ns.matmul_n if cuda else None,
-        "mfu_measured": tflops / matmul if matmul else None,
+        "matmul_tflops": run.matmul, "matmul_n": ns.matmul_n if cuda else None,
+        "mfu_measured": tflops / run.matmul if run.matmul else None,
         "mfu_note": None if cuda else "CPU: no peak FLOP rate to compare with (datasheet or measured matmul)",
         "flops_per_step": peer_flops(args, peer.dp, ns.seq_len),
         "peak_mem_allocated_gib": mem[0].item() if cuda else None,
         "peak_mem_reserved_gib": mem[1].item() if cuda else None,
-        "swap_host_gib": 0.0, "host_peak_rss_gib": mem[2].item(),
+        "host_peak_rss_gib": mem[2].item(),
         "time_split": split,
         "not_measured": [k for k in bt.SPLIT_KEYS if k not in split],
         "not_measured_why": why,
-        "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
-        "grad_norm_last": recs[-1]["grad_norm"],
+        "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"], "grad_norm_last": recs[-1]["grad_norm"],
+        "git_sha": git_sha(), "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cuda_allocator": run.allocator,
+    }
+
+
+def run_peer(ns) -> dict | None:
+    """Every rank trains warmup + steps steps; rank 0 returns the record (the others None)."""
+    import torch.distributed as dist
+
+    args = model_shape(ns.preset, ns.layers)
+    run = start_peer(ns, Peer, args)
+    peer = run.peer
+    cp_check = None
+    if run.cuda and peer.cp > 1 and ns.verify_cp:
+        cp_check = peer.check_cp(min(ns.seq_len, 2 * peer.cp * 4096))
+        if not cp_check["ok"]:
+            raise RuntimeError(f"context-parallel attention differs from single-device SDPA: {cp_check}")
+    recs = train_peer(ns, run)[ns.warmup:]
+    mem = peer_memory(run)
+    prof = profile_peer(ns, run)
+    dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    calls = sorted({r["sdpa_calls"] for r in recs})
+    gqa_seen = sorted(peer.guard.gqa_seen)
+    dist.destroy_process_group()
+    if peer.rank != 0:
+        return None
+    rotate = ns.rotate_method if peer.cp > 1 else None
+    return {
+        **peer_record(ns, run, PEER, args, recs, prof, mem),
+        "overrides": [f"preset={ns.preset}", f"sdpa_backend={run.backend}", f"cp={peer.cp}", f"gqa={ns.gqa}"],
+        "sp": peer.cp, "cp": peer.cp, "precision": "bf16", "engine": "fsdp2", "activation_policy": "recompute",
+        "swap_host_gib": 0.0,
         "config": {
             "model": "transformers.LlamaForCausalLM (attn_implementation=sdpa), random init",
-            "sdpa_backend": backend, "sdpa_backend_requested": ns.sdpa_backend, "sdpa_backend_probe": probe,
+            "sdpa_backend": run.backend, "sdpa_backend_requested": ns.sdpa_backend, "sdpa_backend_probe": run.probe,
             "gqa": "repeat" if peer.guard.repeat_kv else "enable_gqa (as HF calls SDPA)",
             "cp": peer.cp, "cp_rotate_method": rotate, "cp_load_balance": "head-tail" if peer.cp > 1 else None,
             "fsdp": {"api": "fully_shard (FSDP2)", "units": "each decoder layer + root", "shards": peer.world,
@@ -550,15 +599,13 @@ def run_peer(ns) -> dict | None:
             "ac": {"api": "apply_activation_checkpointing + checkpoint_wrapper", "impl": "non-reentrant",
                    "layers_wrapped": peer.n_layers_wrapped},
             "loss_chunk_tokens": ns.loss_chunk,
-            "optimizer": f"AdamW(fused={cuda}, lr={DEFAULTS.lr}, betas=({DEFAULTS.beta1}, {DEFAULTS.beta2}), "
+            "optimizer": f"AdamW(fused={run.cuda}, lr={DEFAULTS.lr}, betas=({DEFAULTS.beta1}, {DEFAULTS.beta2}), "
                          f"weight_decay={DEFAULTS.weight_decay} except norms), clip {DEFAULTS.grad_clip}",
             "data": f"random token ids, seed {ns.seed}, labels = ids shifted by one",
             "seed": ns.seed,
         },
         "checks": {"sdpa_attn_mask_none_and_is_causal": True, "sdpa_calls_per_step": calls,
                    "sdpa_gqa_calls": gqa_seen, "shard_positions_ids_labels_match": True, "cp_check": cp_check},
-        "git_sha": git_sha(), "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cuda_allocator": allocator,
     }
 
 
@@ -589,23 +636,37 @@ FORWARDED = (("--preset", "preset"), ("--layers", "layers"), ("--steps", "steps"
              ("--matmul-n", "matmul_n"), ("--peak-tflops", "peak_tflops"))
 
 
-def attempt_argv(ns, seq: int, out: Path) -> list[str]:
-    """The flags of one --find-max-seq attempt: this run's settings at `seq` tokens."""
-    argv = [f for flag, dest in FORWARDED if getattr(ns, dest) is not None for f in (flag, str(getattr(ns, dest)))]
-    argv += [] if ns.verify_cp else ["--no-verify-cp"]
-    argv += [] if ns.expandable_segments else ["--no-expandable-segments"]
+def forwarded_argv(ns, forwarded, switches: list[str], seq: int, out: Path) -> list[str]:
+    """A peer's flags for one --find-max-seq attempt: the `forwarded` (flag, dest) pairs that are set, the
+    peer's own `switches`, the profiled-step choice, then `seq` tokens and the record's file."""
+    argv = [f for flag, dest in forwarded if getattr(ns, dest) is not None for f in (flag, str(getattr(ns, dest)))]
+    argv += switches
     if ns.profile_step is not None:  # the attempts' traces are not kept: one directory would hold them all
         argv.append("--profile-step" if ns.profile_step else "--no-profile-step")
     return argv + ["--seq-len", str(seq), "--json", str(out)]
 
 
-def child_runner(ns, nproc: int, workdir: Path):
-    def run(seq: int) -> bt.Attempt:
-        out = workdir / f"seq_{seq}.json"
-        return bt.run_attempt(str(Path(__file__).resolve()), attempt_argv(ns, seq, out), nproc, seq, out,
-                              ns.attempt_timeout)
+def attempt_runner(script: str, argv_of):
+    """`make_runner` for bt.run_search: each attempt runs `script` with `argv_of(ns, seq, out)` in a fresh
+    process and reads its record from `out`."""
+    def make(ns, nproc: int, workdir: Path):
+        def run(seq: int) -> bt.Attempt:
+            out = workdir / f"seq_{seq}.json"
+            return bt.run_attempt(script, argv_of(ns, seq, out), nproc, seq, out, ns.attempt_timeout)
 
-    return run
+        return run
+
+    return make
+
+
+def attempt_argv(ns, seq: int, out: Path) -> list[str]:
+    """The flags of one --find-max-seq attempt: this run's settings at `seq` tokens."""
+    switches = ([] if ns.verify_cp else ["--no-verify-cp"]) + \
+        ([] if ns.expandable_segments else ["--no-expandable-segments"])
+    return forwarded_argv(ns, FORWARDED, switches, seq, out)
+
+
+child_runner = attempt_runner(str(Path(__file__).resolve()), attempt_argv)
 
 
 def find_max_seq(ns) -> int:
@@ -654,18 +715,23 @@ def check_world(ns, world: int) -> None:
                             f"give a divisor of {world}")
 
 
-def check_flags(ns) -> None:
-    """Refusals before any process group or GPU memory exists."""
+def check_common_flags(ns) -> None:
+    """The refusals every peer shares (steps, depth, --trace-dir); --trace-dir turns the profiled step on."""
     if ns.steps < 1 or ns.warmup < 0 or (ns.layers is not None and ns.layers < 1):
         raise bt.UsageError(f"need --steps >= 1 (got {ns.steps}), --warmup >= 0 (got {ns.warmup}) and --layers >= 1 "
                             f"(got {ns.layers})")
-    if ns.loss_chunk < 1:
-        raise bt.UsageError(f"--loss-chunk {ns.loss_chunk} must be >= 1 token")
     if ns.trace_dir and (ns.profile_step is False or ns.find_max_seq):
         raise bt.UsageError("--trace-dir keeps the trace of the profiled step: it needs a profiled step (not "
                             "--no-profile-step) and a single run (not --find-max-seq)")
     if ns.trace_dir:
         ns.profile_step = True
+
+
+def check_flags(ns) -> None:
+    """Refusals before any process group or GPU memory exists."""
+    check_common_flags(ns)
+    if ns.loss_chunk < 1:
+        raise bt.UsageError(f"--loss-chunk {ns.loss_chunk} must be >= 1 token")
     model_shape(ns.preset, ns.layers)
     if not torch.cuda.is_available() and ns.sdpa_backend != "auto":
         raise bt.UsageError(f"--sdpa-backend {ns.sdpa_backend} is a CUDA kernel: on CPU leave it at auto "
@@ -715,30 +781,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+def peer_main(ns, prog: str, check_flags, find_max_seq, run, show, prepare=lambda ns: None) -> int:
+    """A peer's command line once parsed: the longest-length search, or one run printed (and appended to
+    --json); a user error exits 2 with one line, an out-of-memory error with --find-max-seq's marker."""
     try:
         check_flags(ns)
         if ns.find_max_seq:
             return find_max_seq(ns)
-        if ns.cp > 1:
-            from torch.distributed.tensor.experimental._attention import set_rotate_method
-
-            set_rotate_method(ns.rotate_method)
-        rec = run_peer(ns)
+        prepare(ns)
+        rec = run(ns)
         if rec is not None:
-            print_peer(rec)
+            show(rec)
             if ns.json:
                 bt.append_json(ns.json, [rec])
                 print(f"record appended to {ns.json}", flush=True)
     except bt.UsageError as e:
         if _rank() == 0:
-            print(f"torch_native: error: {e}", file=sys.stderr, flush=True)
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return bt.EXIT_USAGE
     except (torch.OutOfMemoryError, RuntimeError) as e:
         bt.exit_if_oom(e)
         raise
     return 0
+
+
+def _set_rotate_method(ns) -> None:
+    if ns.cp > 1:
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+
+        set_rotate_method(ns.rotate_method)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return peer_main(build_parser().parse_args(argv), "torch_native", check_flags, find_max_seq, run_peer, print_peer,
+                     _set_rotate_method)
 
 
 if __name__ == "__main__":
