@@ -108,11 +108,26 @@ def test_json_records_are_appended(tmp_path):
     (["--find-max-seq", "train.stpes=3"], "unknown key 'train.stpes'"),
     (["--no-profile-step", "--trace-dir", "t"], "--trace-dir keeps the trace of the profiled step"),
     (["--find-max-seq", "--trace-dir", "t"], "--trace-dir keeps the trace of the profiled step"),
+    (["--gpu-budget-gib", "-1"], "--gpu-budget-gib -1.0 must be >= 0"),
 ])
 def test_bad_flags_are_refused_before_any_training(capsys, argv, message):
     assert bt.main(["debug", *argv]) == bt.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("bench_train: error:") and message in err
+
+
+def test_search_attempts_carry_the_gpu_budget(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_attempt(script, argv, nproc, seq, out, timeout, check=None):
+        seen.append(argv)
+        return bt.Attempt(seq, "oom")
+
+    monkeypatch.setattr(bt, "run_attempt", fake_attempt)
+    ns = bt.build_parser().parse_intermixed_args(["debug", "--gpu-budget-gib", "40", "--find-max-seq"])
+    assert bt.child_runner(ns, 1, tmp_path)(4096).outcome == "oom"
+    argv = seen[0]
+    assert argv[argv.index("--gpu-budget-gib") + 1] == "40.0" and "data.seq_len=4096" in argv
 
 
 def test_a_json_file_that_is_not_a_list_is_refused_before_any_training(tmp_path, capsys):
