@@ -4,7 +4,6 @@ hand and against a brute-force count, the classes of GPU activity, a chrome trac
 runs of the debug recipe: one process, two ranks under torchrun, a profiled step, and the search's
 fresh-process attempts."""
 
-import importlib.util
 import json
 import os
 import random
@@ -15,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from load_tool import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "bench_train.py"
-_spec = importlib.util.spec_from_file_location("bench_train", TOOL)
-bt = importlib.util.module_from_spec(_spec)
-sys.modules["bench_train"] = bt  # dataclasses look their module up while the class is made
-_spec.loader.exec_module(bt)
+bt = load_tool("bench_train.py", "bench_train")
 
 FAST = ["parallel.engine=torch"]  # DDP starts faster than DeepSpeed; the bench is the same
 

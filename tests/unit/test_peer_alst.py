@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from load_tool import load_tool
 
 pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("deepspeed", "einops",
                                                                                    "transformers")),
@@ -22,10 +23,7 @@ pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "peers" / "alst.py"
-_spec = importlib.util.spec_from_file_location("peer_alst", TOOL)
-alst = importlib.util.module_from_spec(_spec)
-sys.modules["peer_alst"] = alst
-_spec.loader.exec_module(alst)
+alst = load_tool("peers/alst.py", "peer_alst")
 tn = alst.tn
 
 

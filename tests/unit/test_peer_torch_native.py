@@ -15,16 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from load_tool import load_tool
 
 # not imported here: the spawned ranks of the sharding test import this module and need no transformers
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "peers" / "torch_native.py"
-_spec = importlib.util.spec_from_file_location("peer_torch_native", TOOL)
-tn = importlib.util.module_from_spec(_spec)
-sys.modules["peer_torch_native"] = tn
-_spec.loader.exec_module(tn)
+tn = load_tool("peers/torch_native.py", "peer_torch_native")
 
 
 # ---- the tiled loss ---------------------------------------------------------------------------

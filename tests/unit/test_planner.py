@@ -243,14 +243,11 @@ def test_plan_memory_cli_prints_sections_and_writes_plans(tmp_path, capsys):
 
 
 def test_plan_memory_png_with_and_without_snapshot(tmp_path):
-    import importlib.util
     import pickle
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "plan_memory", Path(__file__).resolve().parents[2] / "tools" / "plan_memory.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from load_tool import load_tool
+
+    tool = load_tool("plan_memory.py", "plan_memory")
     plan = solve_plan(_random_requests(1), time_limit_s=1)
     plan.to_json(tmp_path / "p.json")
     assert tool.main(["--png", str(tmp_path / "a.png"), "--plan", str(tmp_path / "p.json")]) == 0
@@ -396,15 +393,12 @@ def test_requests_and_allocator_peaks_from_a_snapshot():
 
 
 def test_plan_memory_from_a_snapshot(tmp_path, capsys):
-    import importlib.util
     import json
     import pickle
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "plan_memory", Path(__file__).resolve().parents[2] / "tools" / "plan_memory.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from load_tool import load_tool
+
+    tool = load_tool("plan_memory.py", "plan_memory")
     with open(tmp_path / "s.pickle", "wb") as f:
         pickle.dump(_snapshot(), f)
     assert tool.main(["--png", str(tmp_path / "c.png"), "--from-snapshot", str(tmp_path / "s.pickle"),

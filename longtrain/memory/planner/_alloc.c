@@ -42,7 +42,6 @@ enum { BACKEND_NONE = 0, BACKEND_HOST = 1, BACKEND_CUDA = 2 };
 static int backend = BACKEND_NONE;
 
 static cuerr_t (*c_malloc)(void **, size_t);
-static cuerr_t (*c_free)(void *);
 static cuerr_t (*c_malloc_async)(void **, size_t, stream_t);
 static cuerr_t (*c_free_async)(void *, stream_t);
 static cuerr_t (*c_event_create)(void **, unsigned);
@@ -73,7 +72,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 #define MAX_STREAMS 8
 typedef struct {
     void *ptr;
-    int64_t size, id, window, offset, expect_free; /* offset < 0: fallback block */
+    int64_t size, id, offset, expect_free; /* offset < 0: fallback block */
     stream_t stream;
     int nrec;
     stream_t rec[MAX_STREAMS];
@@ -324,7 +323,7 @@ int lt_init_cuda(const char *cudart, int device) {
     void *h = dlopen(cudart, RTLD_NOW | RTLD_NOLOAD);
     if (!h) h = dlopen(cudart, RTLD_NOW);
     if (!h) return -1;
-    SYM(c_malloc, "cudaMalloc"); SYM(c_free, "cudaFree");
+    SYM(c_malloc, "cudaMalloc");
     SYM(c_malloc_async, "cudaMallocAsync"); SYM(c_free_async, "cudaFreeAsync");
     SYM(c_event_create, "cudaEventCreateWithFlags"); SYM(c_event_record, "cudaEventRecord");
     SYM(c_event_query, "cudaEventQuery"); SYM(c_event_destroy, "cudaEventDestroy");
@@ -467,7 +466,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
         if (!ptr) { free(b); return NULL; }
         st[S_FALLBACK]++;
     }
-    b->ptr = ptr; b->size = (int64_t)size; b->id = next_id++; b->window = window; b->offset = offset;
+    b->ptr = ptr; b->size = (int64_t)size; b->id = next_id++; b->offset = offset;
     b->stream = stream;
     b->expect_free = expect;
     if (table_put(b)) { /* cannot track it: give it back rather than lose it */
