@@ -304,6 +304,8 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     plan_rt = getattr(trainer.model, "plan_runtime", None)
     planner = None if plan_rt is None else {"state": plan_rt.state, "summary": plan_rt.summary(),
                                             "at_plan": plan_rt.at_plan, "refusals": plan_rt.refusal_report(),
+                                            "unplanned": plan_rt.plan.unplanned if plan_rt.plan else {},
+                                            "lifetimes": plan_rt.lifetime_report(),
                                             **plan_rt.core.stats()}
     mem = torch.tensor([peaks[0], peaks[1],
                         streams.stats.host_bytes_pinned / 2**30 if streams is not None else 0.0,

@@ -21,6 +21,7 @@ variant() {  # name -> overrides
     expandable) echo "memory.allocator=expandable" ;;
     planned) echo "memory.planner.enabled=true memory.planner.time_limit_s=20" ;;
     planned-late) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=2" ;;
+    planned-check) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.check=true" ;;
   esac
 }
 case "${1:-}" in
@@ -29,7 +30,7 @@ case "${1:-}" in
       | tee "$OUT/planner_check.log" | tail -20 ;;
   side)
     for v in ${2:-caching expandable planned}; do
-      timeout 200 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) --layers 4 --steps 3 \
+      timeout 300 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) --layers 4 --steps 3 \
         --warmup 4 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter | tee "$OUT/side_$v.log" | tail -14
     done ;;
   fits)  # budget GiB, then allocator:seq pairs: one attempt each (a fresh process), fits or runs out of memory

@@ -5,8 +5,10 @@ CUDA events for tickets a test completes. The GPU half (torch's allocator replac
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
+import weakref
 
 import pytest
 import torch
@@ -74,9 +76,14 @@ def test_size_mismatch_turns_the_plan_off_for_the_rest_of_the_window(core):
     d = core.malloc(1024, S1)
     assert not base <= d < base + 1024  # slot 0 is still held by `a`: refused, not handed out twice
     assert core.stats()["refused_overlap"] == 1
-    assert core.refusals() == [(0, 0, 1024, 0, 0)]  # plan 0's request 0, blocked by plan 0's request 0
+    assert core.refusals() == [(0, 0, 1024, 0, 0, 0)]  # plan 0's request 0, blocked by plan 0's request 0 (held)
     e = core.malloc(1024, S1)
     assert e == base + 1024
+    s = core.stats()  # what the fallback holds, by why it served it
+    assert (s["fallback_after_miss"], s["fallback_refused"], s["fallback_unplanned"]) == (999 + 1024, 1024, 0)
+    core.free(d)
+    s = core.stats()
+    assert (s["fallback_refused"], s["fallback_refused_peak"]) == (0, 1024)
 
 
 def test_more_requests_than_planned_and_other_stream(core):
@@ -97,21 +104,45 @@ def test_plan_outside_the_region_is_refused(core):
         core.set_plan(0, [1024], [512])
 
 
+def _waits(core):
+    last = (ctypes.c_int64 * 2)()
+    n = core.lib.lt_host_waits(last)
+    return n, (last[0], last[1])
+
+
 def test_record_stream_defers_the_free_until_the_other_stream_is_done(core):
+    core.lib.lt_host_limit(1 << 20)
+    a = core.malloc(1024, S1)  # the fallback serves it (no plan)
+    core.record_stream(a, S2)  # a side stream (a D2H copy) reads it
+    core.free(a, S1)
+    assert core.stats()["deferred"] == 1 and core.stats()["allocated"] == 0  # freed, as torch counts it
+    assert core.stats()["fallback_no_plan"] == 1024  # the memory itself is still held for S2
+    core.lib.lt_host_complete_events()
+    core.malloc(512, S1)  # the deferred free is processed first
+    assert core.stats()["deferred"] == 0 and core.stats()["fallback_no_plan"] == 512
+
+
+def test_planned_slot_freed_but_read_by_another_stream_is_reused_in_stream_order(core):
     base = _region(core, 1024)
     core.set_plan(0, [1024], [0])
     core.window_begin(0, S1)
     a = core.malloc(1024, S1)
-    core.record_stream(a, S2)  # a side stream (a D2H copy) reads it
-    core.free(a, S1)
-    assert core.stats()["deferred"] == 1 and core.stats()["allocated"] == 0  # freed, as torch counts it
+    core.record_stream(a, S2)
+    core.free(a, S1)  # the program is done with it; S2's copy may not be
+    assert core.stats()["deferred"] == 1 and _waits(core)[0] == 0
     core.window_begin(0, S1)
-    b = core.malloc(1024, S1)
-    assert b != base  # still in use by S2: the plan's offset is refused
-    core.lib.lt_host_complete_events()
+    b = core.malloc(1024, S1)  # the plan's slot: S1 first waits for S2's event recorded at the free
+    assert b == base and core.stats()["reuse_waits"] == 1 and core.stats()["deferred"] == 0
+    assert _waits(core) == (1, (S1, 1))  # on the allocating stream, for ticket 1 (the free's event)
+    core.record_stream(b, S2)
+    core.free(b, S1)
+    core.lib.lt_host_complete_events()  # this time S2 is done before the slot is asked for again
     core.window_begin(0, S1)
-    c = core.malloc(1024, S1)  # the deferred free is processed first
-    assert c == base and core.stats()["deferred"] == 0
+    assert core.malloc(1024, S1) == base and _waits(core)[0] == 1  # nothing left to wait for
+    held = core.malloc(1024, S1)  # past the plan: the fallback
+    core.window_begin(0, S1)
+    assert core.malloc(1024, S1) != base  # slot held by the program (not freed): refused, never shared
+    assert core.stats()["refused_overlap"] == 1 and core.refusals()[-1][5] == 0 and held
 
 
 def test_out_of_memory_waits_for_deferred_frees_then_gives_up(core):
@@ -142,10 +173,10 @@ def test_record_mode_logs_allocations_and_frees(core):
     core.lib.lt_record_clear()
     seq = core.window_begin(-1, S1)
     c = core.malloc(300, S1)
-    core.record_stream(c, S2)  # read by a copy stream: busy after its free, so not planned
+    core.record_stream(c, S2)  # read by a copy stream after its free: planned up to the free all the same
     core.free(c, S1)
     ev = core.events()
-    assert ev[-1][4] == 1 and plan_recorded_iteration(ev, [("fwd", 0)], [seq]).offsets == [[-1]]
+    assert ev[-1][4] == 1 and plan_recorded_iteration(ev, [("fwd", 0)], [seq]).offsets == [[0]]
 
 
 def test_check_mode_counts_lifetimes_that_break_the_plan(core):
@@ -323,7 +354,10 @@ def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     s1 = core.stats()
     assert s1["refused_overlap"] > 0 and s1["check_lifetime"] == 1 and s1["check_leaked"] == 1
     worst = rt.refusal_report()[0]
-    assert worst["in_the_way"] == {"window": 2, "pass": "fwd1", "k": 2, "size": 2048}
+    assert worst["in_the_way"] == {"window": 2, "pass": "fwd1", "k": 2, "size": 2048,
+                                   "freed_waiting_on_stream": False}  # still held by the program
+    assert rt.lifetime_report() == [{"count": 1, "request": {"window": "2:fwd1", "k": 2, "size": 2048},
+                                     "planned_free": "2:fwd1", "freed_in": "8:bwd1"}]  # held to its backward
     assert s1["allocated"] == 0  # the refused requests came from the fallback and went back
     step()
     s = core.stats()
@@ -367,3 +401,48 @@ def test_plans_are_shared_by_identical_windows_and_aligned():
     assert plan.level1[0] is plan.level1[1] and plan.level1[2].peak_bytes == 3072 and ALIGNMENT == 512
     assert plan.offsets[2][1] >= 0 and plan.free_at[2] == [2, 3]  # the 100 bytes cross into the gap
     assert plan.region_bytes == 3072 + 512
+
+
+def test_planning_inside_the_forward_pins_no_activation(core, monkeypatch):
+    """The plan is made inside layer 0's forward hook. A library that catches an exception there and keeps
+    its traceback in a reference cycle (PuLP's first import does) must not pin the model's frames and the
+    tensors they hold: on an H200 that kept 3 GiB of activations alive and their slots refused."""
+    import gc
+
+    from longtrain.memory.planner import runtime
+
+    real = runtime.plan_recorded_iteration
+
+    def leaves_a_cycle(*args, **kwargs):
+        try:
+            raise RuntimeError("an optional solver is not installed")
+        except RuntimeError as e:
+            tb = e.__traceback__  # frame <-> traceback: freed only by the cycle collector
+        assert tb is not None
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "plan_recorded_iteration", leaves_a_cycle)
+    layers = nn.ModuleList(_Layer(core) for _ in range(2))
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1)
+    attach_windows(layers, rt)
+    marks = []
+
+    def step():
+        x = torch.ones(4, requires_grad=True)
+        activation = torch.ones(64)  # what a model frame holds while its layers run
+        marks.append(weakref.ref(activation))
+        for m in layers:
+            x = m(x)
+        x.sum().backward()
+
+    enabled = gc.isenabled()
+    gc.disable()  # only an explicit collection may free the cycle: the automatic one runs when it likes
+    try:
+        step()  # warm-up
+        step()  # recorded
+        step()  # planned at its start, inside layer 0's forward hook
+    finally:
+        if enabled:
+            gc.enable()
+    assert rt.state == "replay"
+    assert marks[2]() is None  # the planning step's frame let go of its tensors when it returned

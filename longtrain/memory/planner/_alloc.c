@@ -48,6 +48,7 @@ static cuerr_t (*c_event_create)(void **, unsigned);
 static cuerr_t (*c_event_record)(void *, stream_t);
 static cuerr_t (*c_event_query)(void *);
 static cuerr_t (*c_event_destroy)(void *);
+static cuerr_t (*c_stream_wait_event)(stream_t, void *, unsigned);
 static cuerr_t (*c_device_sync)(void);
 static cuerr_t (*c_get_last_error)(void);
 static cuerr_t (*c_default_pool)(void **, int);
@@ -64,6 +65,7 @@ static void *pool;
 
 /* host backend: events are tickets, complete once the test says so */
 static int64_t host_tickets, host_done, host_reserved, host_reserved_peak, host_limit;
+static int64_t host_waits, host_last_wait[2]; /* stream waits queued: how many, the last (stream, ticket) */
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -73,6 +75,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 typedef struct {
     void *ptr;
     int64_t size, id, offset, expect_free; /* offset < 0: fallback block */
+    int why; /* a fallback block: why the fallback served it (FB_*) */
     stream_t stream;
     int nrec;
     stream_t rec[MAX_STREAMS];
@@ -150,7 +153,8 @@ static plan_t plans[MAX_PLANS];
 static char *region;
 static int64_t region_bytes;
 
-typedef struct { int64_t offset, size, id, expect_free, plan, k; } live_t; /* plan, k: where it was planned */
+typedef struct { int64_t offset, size, id, expect_free, plan, k, freed; } live_t; /* plan, k: where it was planned;
+                                                                               * freed: by the program, waiting on other streams */
 static live_t *live;
 static int64_t nlive, live_cap, live_bytes;
 
@@ -169,8 +173,14 @@ static int64_t rec_len, rec_cap; /* in events; 6 int64 each */
 enum {
     S_ALLOCATED, S_ALLOCATED_PEAK, S_RESERVED, S_RESERVED_PEAK, S_SERVED, S_MISS_SIZE, S_MISS_LENGTH,
     S_MISS_STREAM, S_REFUSED_OVERLAP, S_FALLBACK, S_DEFERRED, S_CHECK_LIFETIME, S_CHECK_LEAKED,
-    S_REGION, S_PLANNED_LIVE, S_OOM_RETRIES, S_WINDOWS, S_UNKNOWN_FREE, S_AFTER_MISS, S_N
+    S_REGION, S_PLANNED_LIVE, S_OOM_RETRIES, S_WINDOWS, S_UNKNOWN_FREE, S_AFTER_MISS, S_REUSE_WAITS,
+    S_FB_BYTES, /* FB_N: the fallback's bytes held now (until really released), by why it served them */
+    S_FB_PEAK = S_FB_BYTES + 4, /* FB_N: their peaks since the last reset */
+    S_N = S_FB_PEAK + 4
 };
+/* why the fallback served a block: no plan for its window (warm-up, recording, outside windows), a
+ * request the plan leaves out, a planned one refused (its slot in use), after a mismatch in its window */
+enum { FB_NO_PLAN, FB_UNPLANNED, FB_REFUSED, FB_AFTER_MISS, FB_N };
 static int64_t st[S_N];
 
 static void log_event(int64_t type, int64_t window, int64_t k, int64_t size, int64_t main_stream, int64_t id) {
@@ -220,10 +230,17 @@ static int64_t overlaps_live(int64_t off, int64_t size) {
     return -1;
 }
 
-/* refusals, for diagnosis: (plan, k, size, blocking block's plan, its k); the first REFUSAL_LOG kept */
+/* refusals, for diagnosis: (plan, k, size, blocking block's plan, its k, whether the program had freed
+ * it already and it waited on another stream); the first REFUSAL_LOG kept */
 #define REFUSAL_LOG 4096
-static int64_t refusals[REFUSAL_LOG][5];
+#define REFUSAL_W 6
+static int64_t refusals[REFUSAL_LOG][REFUSAL_W];
 static int64_t nrefusals;
+
+/* check mode: planned blocks freed in another window than the plan's: (plan, k, size, the plan's freeing
+ * window, the window that freed it: -1 outside any); the first REFUSAL_LOG kept */
+static int64_t lifetimes[REFUSAL_LOG][5];
+static int64_t nlifetimes;
 
 static int live_add(int64_t off, int64_t size, int64_t id, int64_t expect_free, int64_t plan, int64_t k) {
     if (nlive == live_cap) {
@@ -233,7 +250,7 @@ static int live_add(int64_t off, int64_t size, int64_t id, int64_t expect_free, 
         live = n;
         live_cap = cap;
     }
-    live[nlive++] = (live_t){off, size, id, expect_free, plan, k};
+    live[nlive++] = (live_t){off, size, id, expect_free, plan, k, 0};
     live_bytes += size;
     return 0;
 }
@@ -263,7 +280,13 @@ static void *fallback_alloc(size_t size, stream_t stream) {
     return NULL;
 }
 
+static void note_fallback(int why, int64_t delta) {
+    st[S_FB_BYTES + why] += delta;
+    if (st[S_FB_BYTES + why] > st[S_FB_PEAK + why]) st[S_FB_PEAK + why] = st[S_FB_BYTES + why];
+}
+
 static void release(block_t *b) {
+    if (b->offset < 0) note_fallback(b->why, -b->size);
     if (b->offset >= 0) {
         live_remove(b->id);
     } else if (backend == BACKEND_HOST) {
@@ -308,6 +331,37 @@ static void process_deferred(int wait_all) {
     st[S_DEFERRED] = ndeferred;
 }
 
+/* Stream-ordered reuse: the planned block `live[i]`, freed by the program but still read by other
+ * streams (record_stream), goes back now and `stream` waits for those streams' events first, so every
+ * kernel queued there after this point (the new tensor's users) runs after their last use. The plan placed
+ * the new request there because the program had freed the old one: this keeps the plan's timeline
+ * instead of refusing it (the caching allocator would take fresh memory instead). 0: done; -1: the
+ * block is still held by the program, or a wait could not be queued (the caller refuses). */
+static int take_over(int64_t i, stream_t stream) {
+    if (!live[i].freed) return -1;
+    int64_t id = live[i].id, d;
+    for (d = 0; d < ndeferred && deferred[d].b->id != id; d++) {}
+    if (d == ndeferred) return -1;
+    deferred_t *w = &deferred[d];
+    for (int e = 0; e < w->nev; e++) {
+        if (event_done(w->ev[e])) continue;
+        if (backend == BACKEND_HOST) {
+            host_waits++;
+            host_last_wait[0] = (int64_t)(intptr_t)stream;
+            host_last_wait[1] = (int64_t)(intptr_t)w->ev[e];
+        } else if (c_stream_wait_event(stream, w->ev[e], 0)) {
+            c_get_last_error();
+            return -1;
+        }
+    }
+    for (int e = 0; e < w->nev; e++) event_destroy(w->ev[e]);
+    release(w->b);
+    deferred[d] = deferred[--ndeferred];
+    st[S_DEFERRED] = ndeferred;
+    st[S_REUSE_WAITS]++;
+    return 0;
+}
+
 /* ---- API --------------------------------------------------------------------------------------- */
 
 int lt_init_host(void) {
@@ -327,6 +381,7 @@ int lt_init_cuda(const char *cudart, int device) {
     SYM(c_malloc_async, "cudaMallocAsync"); SYM(c_free_async, "cudaFreeAsync");
     SYM(c_event_create, "cudaEventCreateWithFlags"); SYM(c_event_record, "cudaEventRecord");
     SYM(c_event_query, "cudaEventQuery"); SYM(c_event_destroy, "cudaEventDestroy");
+    SYM(c_stream_wait_event, "cudaStreamWaitEvent");
     SYM(c_device_sync, "cudaDeviceSynchronize"); SYM(c_get_last_error, "cudaGetLastError");
     SYM(c_default_pool, "cudaDeviceGetDefaultMemPool"); SYM(c_pool_set, "cudaMemPoolSetAttribute");
     SYM(c_pool_get, "cudaMemPoolGetAttribute"); SYM(c_pool_trim, "cudaMemPoolTrimTo");
@@ -419,23 +474,29 @@ void lt_window_end(void) {
 static void *alloc_locked(size_t size, stream_t stream) {
     process_deferred(0);
     int64_t k = -1, window = -1, offset = -1, expect = -1;
+    int why = FB_NO_PLAN;
     if (win.active) {
         k = win.k++;
         window = win.seq;
         if (win.plan >= 0) {
             plan_t *p = &plans[win.plan];
+            why = FB_AFTER_MISS;
             if (win.off) st[S_AFTER_MISS]++;
             else if (k >= p->n) { win.off = 1; st[S_MISS_LENGTH]++; }
             else if ((int64_t)size != p->size[k]) { win.off = 1; st[S_MISS_SIZE]++; }
             else if (p->offset[k] >= 0 && stream != win.stream) { win.off = 1; st[S_MISS_STREAM]++; }
-            else if (p->offset[k] >= 0) {
+            else if (p->offset[k] < 0) why = FB_UNPLANNED;
+            else {
                 int64_t in_the_way = overlaps_live(p->offset[k], (int64_t)size);
+                while (in_the_way >= 0 && take_over(in_the_way, stream) == 0)
+                    in_the_way = overlaps_live(p->offset[k], (int64_t)size);
                 if (in_the_way >= 0) {
                     st[S_REFUSED_OVERLAP]++;
+                    why = FB_REFUSED;
                     if (nrefusals < REFUSAL_LOG) {
                         int64_t *r = refusals[nrefusals++];
                         r[0] = win.plan; r[1] = k; r[2] = (int64_t)size;
-                        r[3] = live[in_the_way].plan; r[4] = live[in_the_way].k;
+                        r[3] = live[in_the_way].plan; r[4] = live[in_the_way].k; r[5] = live[in_the_way].freed;
                     }
                 } else {
                     offset = p->offset[k];
@@ -469,6 +530,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
     b->ptr = ptr; b->size = (int64_t)size; b->id = next_id++; b->offset = offset;
     b->stream = stream;
     b->expect_free = expect;
+    b->why = why;
     if (table_put(b)) { /* cannot track it: give it back rather than lose it */
         if (offset >= 0) live_remove(b->id);
         else if (backend == BACKEND_HOST) { host_reserved -= b->size; free(ptr); }
@@ -477,6 +539,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
         return NULL;
     }
     note_allocated((int64_t)size);
+    if (offset < 0) note_fallback(why, (int64_t)size);
     log_event(0, window, k, (int64_t)size, win.active && stream == win.stream, b->id);
     return ptr;
 }
@@ -501,7 +564,16 @@ void lt_free(void *ptr, size_t size, int device, stream_t stream) {
     note_allocated(-b->size);
     int other_streams = b->nrec || b->rec_overflow;
     log_event(1, win.active ? win.seq : -1, -1, b->size, other_streams, b->id);
-    if (check_mode && b->offset >= 0 && (!win.active || win.asked != b->expect_free)) st[S_CHECK_LIFETIME]++;
+    if (check_mode && b->offset >= 0 && (!win.active || win.asked != b->expect_free)) {
+        st[S_CHECK_LIFETIME]++;
+        for (int64_t i = 0; i < nlive && nlifetimes < REFUSAL_LOG; i++)
+            if (live[i].id == b->id) {
+                int64_t *r = lifetimes[nlifetimes++];
+                r[0] = live[i].plan; r[1] = live[i].k; r[2] = b->size; r[3] = b->expect_free;
+                r[4] = win.active ? win.asked : -1;
+                break;
+            }
+    }
     if (other_streams) {
         if (ndeferred == deferred_cap) {
             int64_t cap = deferred_cap ? deferred_cap * 2 : 64;
@@ -515,6 +587,9 @@ void lt_free(void *ptr, size_t size, int device, stream_t stream) {
             deferred_cap = cap;
         }
         deferred_t d = {b, 0, {0}};
+        if (b->offset >= 0)
+            for (int64_t i = 0; i < nlive; i++)
+                if (live[i].id == b->id) live[i].freed = 1;
         if (b->rec_overflow) {
             if (backend == BACKEND_CUDA) c_device_sync();
         } else {
@@ -577,22 +652,41 @@ int lt_stats(int64_t *out, int n) {
 void lt_reset_peaks(void) {
     pthread_mutex_lock(&mu);
     st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
+    for (int i = 0; i < FB_N; i++) st[S_FB_PEAK + i] = st[S_FB_BYTES + i];
     reserved_floor = 0;
     reset_pool_high();
     pthread_mutex_unlock(&mu);
 }
 
-/* the logged refusals: 5 int64 each (see `refusals`); returns how many */
+/* the logged refusals: REFUSAL_W int64 each (see `refusals`); returns how many */
 int64_t lt_refusals(int64_t *out, int64_t max) {
     pthread_mutex_lock(&mu);
     int64_t n = nrefusals < max ? nrefusals : max;
-    memcpy(out, refusals, (size_t)n * 5 * sizeof(int64_t));
+    memcpy(out, refusals, (size_t)n * REFUSAL_W * sizeof(int64_t));
+    pthread_mutex_unlock(&mu);
+    return n;
+}
+
+/* check mode's logged lifetime breaks: 5 int64 each (see `lifetimes`); returns how many */
+int64_t lt_lifetimes(int64_t *out, int64_t max) {
+    pthread_mutex_lock(&mu);
+    int64_t n = nlifetimes < max ? nlifetimes : max;
+    memcpy(out, lifetimes, (size_t)n * 5 * sizeof(int64_t));
     pthread_mutex_unlock(&mu);
     return n;
 }
 
 /* host backend only: the fallback fails past this many bytes (0: no limit), as a full device would */
 void lt_host_limit(int64_t bytes) { pthread_mutex_lock(&mu); host_limit = bytes; pthread_mutex_unlock(&mu); }
+
+/* host backend only: the stream waits queued so far; out: the last one's (stream, event ticket) */
+int64_t lt_host_waits(int64_t *out) {
+    pthread_mutex_lock(&mu);
+    out[0] = host_last_wait[0]; out[1] = host_last_wait[1];
+    int64_t n = host_waits;
+    pthread_mutex_unlock(&mu);
+    return n;
+}
 
 /* host backend only: every event recorded so far completes */
 void lt_host_complete_events(void) { pthread_mutex_lock(&mu); host_done = host_tickets; pthread_mutex_unlock(&mu); }

@@ -32,7 +32,9 @@ beside the region; from then on it keeps what it frees, as a caching allocator d
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
+import importlib
 import logging
 import os
 import subprocess
@@ -53,7 +55,9 @@ ALIGNMENT = 512
 
 STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "served", "miss_size", "miss_length",
               "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
-              "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss")
+              "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss",
+              "reuse_waits",
+              *(f"fallback_{w}{peak}" for peak in ("", "_peak") for w in ("no_plan", "unplanned", "refused", "after_miss")))
 
 
 def _cache_dir() -> Path:
@@ -101,7 +105,8 @@ class Core:
                "lt_record_clear": (None, []), "lt_stats": (i32, [ctypes.POINTER(i64), i32]),
                "lt_reset_peaks": (None, []), "lt_host_complete_events": (None, []), "lt_flush": (None, [i32]),
                "lt_empty_cache": (None, []), "lt_pool_keep": (i32, [i32]),
-               "lt_host_limit": (None, [i64]), "lt_refusals": (i64, [ctypes.POINTER(i64), i64])}
+               "lt_host_limit": (None, [i64]), "lt_refusals": (i64, [ctypes.POINTER(i64), i64]),
+               "lt_host_waits": (i64, [ctypes.POINTER(i64)]), "lt_lifetimes": (i64, [ctypes.POINTER(i64), i64])}
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -143,10 +148,19 @@ class Core:
         flat = [data[i] for i in range(6 * n)] if n else []
         return [tuple(flat[6 * i:6 * i + 6]) for i in range(n)]
 
-    def refusals(self, limit: int = 4096) -> list[tuple[int, int, int, int, int]]:
-        """Logged refusals (the first 4096): (plan, k, size, plan and k of the live block in the way)."""
-        buf = (ctypes.c_int64 * (5 * limit))()
+    def refusals(self, limit: int = 4096) -> list[tuple[int, int, int, int, int, int]]:
+        """Logged refusals (the first 4096): (plan, k, size, plan and k of the live block in the way, 1 when
+        the program had freed that block and it waited only on another stream's events)."""
+        w = 6
+        buf = (ctypes.c_int64 * (w * limit))()
         n = self.lib.lt_refusals(buf, limit)
+        return [tuple(buf[w * i:w * i + w]) for i in range(n)]
+
+    def lifetimes(self, limit: int = 4096) -> list[tuple[int, int, int, int, int]]:
+        """Check mode's logged lifetime breaks (the first 4096): (plan, k, size, the window the plan frees
+        it in, the window that did: -1 outside any)."""
+        buf = (ctypes.c_int64 * (5 * limit))()
+        n = self.lib.lt_lifetimes(buf, limit)
         return [tuple(buf[5 * i:5 * i + 5]) for i in range(n)]
 
     def stats(self) -> dict[str, int]:
@@ -182,6 +196,8 @@ class IterationPlan:
     free_at: list[list[int]]  # per window: the position of the window that frees each planned request
     level1: dict[int, MemoryPlan]  # per layer-pass position: its transients
     level2: MemoryPlan | None  # the iteration: one block per layer pass + the requests that cross windows
+    unplanned: dict = field(default_factory=dict)  # why requests were left to the fallback: cause -> counts
+
 
     @property
     def region_bytes(self) -> int:
@@ -196,8 +212,11 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
     """Plans one recorded iteration (`events` of the core's record, windows `seqs` in order, `layout[p]`
     what window p was).
 
-    A request is planned when it is allocated on its window's stream, freed inside the iteration and used
-    by no other stream (`record_stream`: a swap's D2H copy reads it, so its memory is busy past the free).
+    A request is planned when it is allocated on its window's stream and freed inside the iteration. One
+    that another stream still reads when it is freed (`record_stream`: a swap's D2H copy) is planned up to
+    its free too: at replay the next request placed over it makes its own stream wait for that stream's
+    events (the core's stream-ordered reuse), so the plan's timeline is the program's order, not the
+    copy engine's timing.
     Level 1: per layer pass, the requests it allocates and frees itself (its transients), on one plan;
     passes with the same requests share the solve. Level 2: the iteration, where every layer pass is one
     block of its level-1 peak over its span and every other planned request (skeletal tensors kept for
@@ -226,8 +245,14 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
         t += 1
     transients: dict[int, list] = {}
     crossing = []
-    for p, k, size, on_stream, t0, fp, t1, other in blocks.values():
-        if not on_stream or fp < 0 or other:
+    left: dict[str, list] = {}  # cause -> [requests, bytes, (t, +-size) edges]
+    for p, k, size, on_stream, t0, fp, t1, _other in blocks.values():
+        cause = "side_stream" if not on_stream else "outlives_iteration" if fp < 0 else None
+        if cause:
+            c = left.setdefault(cause, [0, 0, []])
+            c[0] += 1
+            c[1] += size
+            c[2] += [(t0, size), (t1 if fp >= 0 else t, -size)]
             continue
         if fp == p and layout[p][0] != "gap":
             transients.setdefault(p, []).append((k, size, t0, t1))
@@ -262,7 +287,14 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
                 offsets[p][k], free_at[p][k] = block[p] + o, p
         for (p, k, fp, _), o in zip(crossing, level2.offsets[len(level1):]):
             offsets[p][k], free_at[p][k] = o, fp
-    return IterationPlan(list(layout), sizes, offsets, free_at, level1, level2)
+    unplanned = {}
+    for cause, (count, nbytes, edges) in sorted(left.items()):
+        live = peak = 0
+        for _, d in sorted(edges, key=lambda e: (e[0], e[1])):  # a free before an allocation at one time
+            live += d
+            peak = max(peak, live)
+        unplanned[cause] = {"requests": count, "bytes": nbytes, "peak_live_bytes": peak}
+    return IterationPlan(list(layout), sizes, offsets, free_at, level1, level2, unplanned)
 
 
 # ---- the runtime: windows around the layers ---------------------------------------------------------
@@ -292,6 +324,10 @@ class PlanRuntime:
 
     def __post_init__(self):
         self.core.lib.lt_set_check(int(self.check))
+        try:  # now, not inside a layer's forward hook when the plan is made (see _make_plans)
+            importlib.import_module("pulp")
+        except ImportError:
+            pass  # solve_plan keeps its greedy plan without PuLP
         if self.stream_of is None:
             self.stream_of = lambda: torch.cuda.current_stream(self.device).cuda_stream
 
@@ -341,6 +377,13 @@ class PlanRuntime:
             log.warning("memory plan: cannot plan the recorded iteration (%s); the fallback allocator serves "
                         "everything", e)
             return
+        finally:
+            # The plan is made inside layer 0's forward hook, with the model's frames on the stack. A library
+            # that catches an exception and keeps its traceback in a reference cycle (PuLP's first import
+            # probes optional solvers that way) pins those frames, and with them the activations they hold
+            # once they return (the layer outputs, the final norm's input and output): measured on an H200,
+            # 3 GiB held for good, their planned slots refused every iteration. Collect such cycles now.
+            gc.collect()
         if not plan.region_bytes:
             self._off()
             log.warning("memory plan: the recorded iteration has no request to plan; the fallback allocator "
@@ -421,7 +464,27 @@ class PlanRuntime:
             return {"window": p, "pass": f"{kind}{'' if layer < 0 else layer}", "k": k, "size": size}
 
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
-        return [{"count": c, "refused": where(p, k), "in_the_way": where(bp, bk)} for (p, k, _, bp, bk), c in ranked]
+        return [{"count": c, "refused": where(p, k), "in_the_way": {**where(bp, bk), "freed_waiting_on_stream": bool(fr)}}
+                for (p, k, _, bp, bk, fr), c in ranked]
+
+    def lifetime_report(self, top: int = 10) -> list[dict]:
+        """Check mode: the planned requests most often freed in another window than the plan's (the
+        tensors whose lifetime at replay differs from the recorded one), with both windows."""
+        if self.plan is None:
+            return []
+        counts: dict[tuple, int] = {}
+        for r in self.core.lifetimes():
+            counts[r] = counts.get(r, 0) + 1
+
+        def name(p):
+            if not 0 <= p < len(self.plan.layout):
+                return None
+            kind, layer = self.plan.layout[p]
+            return f"{p}:{kind}{'' if layer < 0 else layer}"
+
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [{"count": c, "request": {"window": name(p), "k": k, "size": size}, "planned_free": name(pf),
+                 "freed_in": name(af)} for (p, k, size, pf, af), c in ranked]
 
     def warn_misses(self) -> None:
         s = self.core.stats()
