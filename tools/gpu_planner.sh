@@ -7,7 +7,8 @@
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
 #           allocators side by side (4 warm-up steps: the second is recorded and the third plans, or with
 #           planned-late the third and the fourth; 3 timed steps replay). Variants: caching expandable
-#           planned planned-late (default: the first three)
+#           planned planned-late planned-check (check mode: the record lists lifetime breaks), default the
+#           first three. A planned variant's saved plans (JSON) and their pictures land in $OUT too
 #   fits    within a GPU budget (GiB; a ballast takes the rest), one attempt per allocator:length pair
 #   maxlen  the longest sequence each allocator trains (fresh process per attempt) within a GPU budget
 set -uo pipefail
@@ -30,8 +31,13 @@ case "${1:-}" in
       | tee "$OUT/planner_check.log" | tail -20 ;;
   side)
     for v in ${2:-caching expandable planned}; do
-      timeout 300 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) --layers 4 --steps 3 \
-        --warmup 4 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter | tee "$OUT/side_$v.log" | tail -14
+      timeout 300 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) train.output_dir="$OUT/run_$v" \
+        --layers 4 --steps 3 --warmup 4 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter \
+        | tee "$OUT/side_$v.log" | tail -14
+      for lv in level2 level1_largest; do  # the plans the runtime saved, drawn (time x, address y)
+        P="$OUT/run_$v/memory_plan_runtime_rank0_$lv.json"
+        [ -f "$P" ] && python3 tools/plan_memory.py --png "$OUT/plan_${v}_$lv.png" --plan "$P" | tail -2
+      done
     done ;;
   fits)  # budget GiB, then allocator:seq pairs: one attempt each (a fresh process), fits or runs out of memory
     B=$2; shift 2

@@ -65,7 +65,7 @@ def worker(planned: bool, out: str) -> None:
             entry["plan"] = {k: after[k] - before.get(k, 0) for k in ("served", "fallback", "miss_size",
                                                                      "miss_length", "miss_stream", "after_miss",
                                                                      "refused_overlap", "check_lifetime",
-                                                                     "check_leaked")}
+                                                                     "check_leaked", "reuse_waits")}
             entry["state"] = rt.state
         rec["steps"].append(entry)
         torch.save(grads, f"{out}.step{step}.pt")

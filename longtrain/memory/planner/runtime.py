@@ -21,8 +21,8 @@ How it works (docs/memory-planner.md, "The runtime"):
 
 What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
 live planned block overlaps it; a request whose size, stream or position differs from the plan turns
-the plan off for the rest of its window (counted, warned once with the reason); memory used by another
-stream is reused only after that stream is done with it. The normal fallback for everything not planned
+the plan off for the rest of its window (counted, warned once with the reason); memory another stream
+still reads is reused only in stream order (the new user's stream waits for that stream's events). The normal fallback for everything not planned
 is CUDA's stream-ordered allocator (cudaMallocAsync), not torch's caching allocator: a process has one
 allocator. Until the plan serves, that pool gives freed memory back to the device at every synchronisation
 (slower allocations in the warm-up and recorded iterations), so what they used does not stay reserved
