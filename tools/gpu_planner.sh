@@ -7,7 +7,8 @@
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
 #           allocators side by side (4 warm-up steps: the second is recorded and the third plans, or with
 #           planned-late the third and the fourth; 3 timed steps replay). Variants: caching expandable
-#           planned planned-late planned-check (check mode: the record lists lifetime breaks), default the
+#           planned planned-late planned-check (check mode: the record lists lifetime breaks) planned-caching
+#           (torch's caching allocator behind the plan: memory.planner.fallback=caching), default the
 #           first three. A planned variant's saved plans (JSON) and their pictures land in $OUT too
 #   fits    within a GPU budget (GiB; a ballast takes the rest), one attempt per allocator:length pair
 #   maxlen  the longest sequence each allocator trains (fresh process per attempt) within a GPU budget
@@ -23,12 +24,15 @@ variant() {  # name -> overrides
     planned) echo "memory.planner.enabled=true memory.planner.time_limit_s=20" ;;
     planned-late) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=2" ;;
     planned-check) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.check=true" ;;
+    planned-caching) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=caching" ;;
   esac
 }
 case "${1:-}" in
-  check)
-    python3 tools/planner_gpu_check.py --out /tmp/planner_check --json "$OUT/planner_check.json" 2>&1 | filter \
-      | tee "$OUT/planner_check.log" | tail -20 ;;
+  check)  # both fallbacks
+    for fb in pool caching; do
+      python3 tools/planner_gpu_check.py --out /tmp/planner_check_$fb --fallback $fb --json "$OUT/planner_check_$fb.json" \
+        2>&1 | filter | tee "$OUT/planner_check_$fb.log" | tail -12
+    done ;;
   side)
     for v in ${2:-caching expandable planned}; do
       timeout 300 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) train.output_dir="$OUT/run_$v" \
@@ -49,7 +53,7 @@ case "${1:-}" in
     done ;;
   maxlen)
     B=${2:-40}; S=${3:-65536}; T=${4:-16384}
-    for v in caching expandable planned; do
+    for v in caching expandable planned planned-caching; do
       timeout 190 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 2 \
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$T" \
         --seq-max $((S * 2)) --attempt-timeout 90 --json "$OUT/planner_maxlen_$v.json" 2>&1 | filter \

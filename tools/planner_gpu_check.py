@@ -1,6 +1,6 @@
 """The planned allocator on CUDA against the normal one: same losses and gradients, plans served.
 
-    python3 tools/planner_gpu_check.py --json $OUT/planner_check.json
+    python3 tools/planner_gpu_check.py --json $OUT/planner_check.json [--fallback pool|caching]
 
 Runs itself twice in fresh processes (the allocator is chosen before CUDA starts): once with torch's
 caching allocator, once with the planned allocator (check mode). Each trains a debug-width Llama
@@ -9,7 +9,8 @@ recomputation: layer 0 recomputes, layers 1-2 swap (alpha 0.5, chunked recompute
 Steps 0-1 warm up and record; steps 2-4 replay; step 5 runs at another sequence length (the plan
 misses and falls back); step 6 is back at the first length (the plan serves again). The planned run
 must give the losses and gradients of the normal run (1e-6 relative), serve requests from the plan,
-refuse none, and count misses only in step 5.
+refuse none, and count misses only in step 5. `--fallback` picks what serves the requests the plan does
+not (`memory.planner.fallback`): CUDA's cudaMallocAsync pool or torch's caching allocator.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import sys
 SEQ, OTHER_SEQ, STEPS = 2048, 1536, 7
 
 
-def worker(planned: bool, out: str) -> None:
+def worker(planned: bool, out: str, fallback: str = "pool") -> None:
     import torch
 
     if planned:
         from longtrain.memory.planner.runtime import install_cuda_allocator
 
-        core = install_cuda_allocator(0)
+        core = install_cuda_allocator(0, fallback=fallback)
     from longtrain.memory.checkpointing import apply_activation_checkpointing
     from longtrain.memory.swap import apply_activation_swap
     from longtrain.models import build_model, model_args
@@ -108,14 +109,16 @@ def main() -> int:
     ap.add_argument("--worker", choices=["normal", "planned"])
     ap.add_argument("--out", default="/tmp/planner_check")
     ap.add_argument("--json")
+    ap.add_argument("--fallback", choices=["pool", "caching"], default="pool",
+                    help="what serves the requests the plan does not (memory.planner.fallback)")
     a = ap.parse_args()
     if a.worker:
-        worker(a.worker == "planned", a.out)
+        worker(a.worker == "planned", a.out, a.fallback)
         return 0
     paths = {}
     for mode in ("normal", "planned"):
         paths[mode] = f"{a.out}.{mode}.json"
-        r = subprocess.run([sys.executable, __file__, "--worker", mode, "--out", paths[mode]],
+        r = subprocess.run([sys.executable, __file__, "--worker", mode, "--out", paths[mode], "--fallback", a.fallback],
                            env=dict(os.environ), capture_output=True, text=True)
         if r.returncode:
             print(r.stdout[-3000:], r.stderr[-6000:], sep="\n")

@@ -51,25 +51,30 @@ def configure_cuda_allocator(cfg) -> str:
     3-layer Llama-3-8B stack went from 393K to 459K tokens with full recompute and from 852K to 918K with
     swapping; the caching allocator failed 28-30 GiB requests with that much memory free in pieces."""
     if cfg.memory.planner.enabled and torch.cuda.is_available():
-        planned = install_planned_allocator()
+        fallback = cfg.memory.planner.fallback
+        # the caching allocator behind the plan reads its mode when CUDA starts, like the normal one
+        mode = set_cuda_allocator_mode(cfg.memory.allocator) if fallback == "caching" else None
+        planned = install_planned_allocator(fallback, mode)
         if planned:
             return planned
     return set_cuda_allocator_mode(cfg.memory.allocator)
 
 
-def install_planned_allocator() -> str | None:
-    """The planned allocator as this process's CUDA allocator; None (with a warning) when it cannot be."""
+def install_planned_allocator(fallback: str = "pool", mode: str | None = None) -> str | None:
+    """The planned allocator as this process's CUDA allocator; None (with a warning) when it cannot be.
+    `fallback` serves what the plan does not (`memory.planner.fallback`); `mode`: the caching allocator's."""
     global _planned_error
     from longtrain.memory.planner.runtime import install_cuda_allocator
 
     try:
-        install_cuda_allocator(int(os.environ.get("LOCAL_RANK", "0")))
+        install_cuda_allocator(int(os.environ.get("LOCAL_RANK", "0")), fallback=fallback)
     except Exception as e:  # noqa: BLE001 - any build or install failure: train with the normal allocator
         _planned_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
         log.warning("memory.planner.enabled=true: the planned allocator could not be installed (%s); training uses "
                     "the normal CUDA allocator", _planned_error)
         return None
-    return "longtrain planned allocator (plan region + cudaMallocAsync pool)"
+    behind = "cudaMallocAsync pool" if fallback == "pool" else f"torch's caching allocator, {mode}"
+    return f"longtrain planned allocator (plan region + {behind})"
 
 
 def set_cuda_allocator_mode(mode: str) -> str:

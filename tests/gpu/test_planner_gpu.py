@@ -13,8 +13,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_planned_allocator_trains_like_the_normal_one(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "tools/planner_gpu_check.py"), "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=900)
+@pytest.mark.parametrize("fallback", ["pool", "caching"])
+def test_planned_allocator_trains_like_the_normal_one(tmp_path, fallback):
+    r = subprocess.run([sys.executable, str(ROOT / "tools/planner_gpu_check.py"), "--out", str(tmp_path / "run"),
+                        "--fallback", fallback], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "OK" in r.stdout

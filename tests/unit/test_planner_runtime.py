@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import random
 import weakref
 
@@ -446,3 +447,111 @@ def test_planning_inside_the_forward_pins_no_activation(core, monkeypatch):
             gc.enable()
     assert rt.state == "replay"
     assert marks[2]() is None  # the planning step's frame let go of its tensors when it returned
+
+
+class _FakeCaching:
+    """A stand-in for torch's caching allocator behind the core (`lt_set_fallback`): host buffers, a cache
+    it keeps until trimmed, and the calls it saw."""
+
+    ALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    RESERVED = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int)
+    VOID = ctypes.CFUNCTYPE(None)
+
+    def __init__(self, limit):
+        self.limit, self.live, self.cached, self.peak = limit, {}, 0, 0
+        self.calls = []
+        self.fns = (self.ALLOC(self.alloc), self.FREE(self.free), self.RESERVED(self.reserved),
+                    self.VOID(self.reset_peak), self.VOID(self.trim))  # kept alive while the core holds them
+
+    def held(self):
+        return sum(len(b) for b in self.live.values()) + self.cached
+
+    def alloc(self, size, stream):
+        self.calls.append(("alloc", size, stream))
+        if self.held() + size > self.limit:
+            return None
+        buf = ctypes.create_string_buffer(size)
+        self.live[ctypes.addressof(buf)] = buf
+        self.peak = max(self.peak, self.held())
+        return ctypes.addressof(buf)
+
+    def free(self, ptr, size, stream):
+        self.calls.append(("free", size, stream))
+        assert len(self.live.pop(ptr)) == size
+        self.cached += size  # kept, as a caching allocator does, until trimmed
+
+    def reserved(self, peak):
+        return self.peak if peak else self.held()
+
+    def reset_peak(self):
+        self.calls.append(("reset_peak",))
+        self.peak = self.held()
+
+    def trim(self):
+        self.calls.append(("trim",))
+        self.cached = 0
+
+    def install(self, core):
+        core.lib.lt_set_fallback(*(ctypes.cast(f, ctypes.c_void_p) for f in self.fns))
+
+
+def test_another_fallback_allocator_serves_what_the_plan_does_not(core):
+    fake = _FakeCaching(limit=8192)
+    fake.install(core)
+    base = _region(core, 1024)
+    core.set_plan(0, [1024, 2048], [0, -1])
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)  # planned: the region
+    b = core.malloc(2048, S1)  # left out of the plan: the fallback, with its stream
+    assert a == base and b in fake.live and fake.calls[-1] == ("alloc", 2048, S1)
+    s = core.stats()
+    assert s["reserved"] == 1024 + 2048 and s["fallback_unplanned"] == 2048
+    core.record_stream(b, S2)
+    core.free(b, S1)
+    assert b in fake.live  # S2 still reads it: not handed back yet
+    core.lib.lt_host_complete_events()
+    core.lib.lt_flush(0)
+    assert b not in fake.live and fake.calls[-1] == ("free", 2048, S1)
+    assert core.lib.lt_pool_keep(1) == 0  # the other allocator keeps its own cache
+    core.lib.lt_empty_cache()  # torch.cuda.empty_cache(): the fallback gives its cache back
+    assert fake.calls[-1] == ("trim",) and core.stats()["reserved"] == 1024
+    c = core.malloc(6144, S1)  # past the window's plan: fallback
+    fake.cached = 2048  # its cache is in the way of the next request: trimmed, then retried
+    d = core.malloc(2048, S2)
+    assert c and d and core.stats()["oom_retries"] == 1 and ("trim",) in fake.calls[-3:]
+    assert core.malloc(4096, S1) == 0  # really full: out of memory, after one more trim
+    core.lib.lt_reset_peaks()
+    assert fake.calls[-1] == ("reset_peak",)
+
+
+def test_planner_fallback_setting_reaches_the_installer(monkeypatch):
+    """memory.planner.fallback=caching: the caching allocator's mode is set (before CUDA starts) and the
+    installer is asked for torch's allocator behind the plan; pool leaves the mode alone; bad values are
+    refused by name."""
+    from longtrain.config import ConfigError, load_config
+    from longtrain.memory import arena
+
+    seen = []
+
+    def install(fallback="pool", mode=None):
+        seen.append((fallback, mode, os.environ.get("PYTORCH_CUDA_ALLOC_CONF")))
+        return f"planned ({fallback})"
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "LONGTRAIN_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(arena, "_applied", None)
+    monkeypatch.setattr(arena, "install_planned_allocator", install)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config("debug", ["memory.planner.enabled=true"])
+    assert cfg.memory.planner.fallback == "pool"  # the default: the measured one
+    assert arena.configure_cuda_allocator(cfg) == "planned (pool)"
+    assert seen == [("pool", None, None)]
+    cfg = load_config("debug", ["memory.planner.enabled=true", "memory.planner.fallback=caching"])
+    assert arena.configure_cuda_allocator(cfg) == "planned (caching)"
+    assert seen[-1] == ("caching", "expandable_segments:True", "expandable_segments:True")
+    with pytest.raises(ConfigError, match="memory.planner.fallback"):
+        load_config("debug", ["memory.planner.fallback=native"])
+    from longtrain.memory.planner.runtime import install_cuda_allocator
+    with pytest.raises(ValueError, match="memory.planner.fallback='native'"):
+        install_cuda_allocator(0, fallback="native")

@@ -7,7 +7,8 @@
  * everything else (requests outside windows or without a plan, unplanned requests, refused ones, any
  * request after a mismatch in its window) is served by the
  * fallback allocator: CUDA's stream-ordered allocator (cudaMallocAsync on the device's default pool;
- * it returns freed memory to the device until the plan serves, then keeps it: lt_pool_keep).
+ * it returns freed memory to the device until the plan serves, then keeps it: lt_pool_keep), or the one
+ * the shim sets with lt_set_fallback (torch's own caching allocator: memory.planner.fallback=caching).
  *
  * Safety, always on:
  *  - a planned offset is handed out only when no live planned block overlaps it (a free that came
@@ -197,26 +198,64 @@ static void log_event(int64_t type, int64_t window, int64_t k, int64_t size, int
     rec_len++;
 }
 
-static int64_t pool_reserved(int attr) {
-    if (backend == BACKEND_CUDA) {
-        uint64_t v = 0;
-        if (c_pool_get(pool, attr, &v)) { c_get_last_error(); return 0; }
-        return (int64_t)v;
-    }
-    return attr == ATTR_RESERVED_HIGH ? host_reserved_peak : host_reserved;
+/* ---- the fallback allocator: serves everything the plan does not -------------------------------
+ * CUDA's stream-ordered pool (cudaMallocAsync on the device's default pool: lt_init_cuda), the host's
+ * malloc (tests: lt_init_host), or one the shim sets with lt_set_fallback (torch's own caching allocator). */
+typedef struct {
+    void *(*alloc)(size_t size, stream_t stream); /* NULL: out of memory */
+    void (*free)(void *ptr, size_t size, stream_t stream); /* every stream is done with it */
+    int64_t (*reserved)(int peak); /* bytes it holds from the device: now (0), or its peak since reset (1) */
+    void (*reset_peak)(void);
+    void (*trim)(void); /* give what it caches back to the device (after a device synchronisation) */
+} fallback_t;
+static fallback_t fb;
+static int fb_external; /* lt_set_fallback was called: the pool's release threshold is not ours to set */
+
+static void *pool_alloc(size_t size, stream_t stream) {
+    void *p = NULL;
+    if (c_malloc_async(&p, size, stream) == 0) return p;
+    c_get_last_error();
+    return NULL;
+}
+static void pool_free(void *ptr, size_t size, stream_t stream) {
+    (void)size;
+    if (c_free_async(ptr, stream)) c_get_last_error();
+}
+static int64_t pool_reserved(int peak) {
+    uint64_t v = 0;
+    if (c_pool_get(pool, peak ? ATTR_RESERVED_HIGH : ATTR_RESERVED_CURRENT, &v)) { c_get_last_error(); return 0; }
+    return (int64_t)v;
+}
+static void pool_reset_peak(void) {
+    uint64_t zero = 0; /* the driver restarts the high-water at the current reserved bytes */
+    if (c_pool_set(pool, ATTR_RESERVED_HIGH, &zero)) c_get_last_error();
+}
+static void pool_trim(void) {
+    c_device_sync();
+    if (c_pool_trim(pool, 0)) c_get_last_error();
 }
 
-/* reserved peak = max(reserved_floor, region + the pool's high-water since the region came) */
+static void *host_alloc(size_t size, stream_t stream) {
+    (void)stream;
+    if (host_limit && host_reserved + (int64_t)size > host_limit) return NULL; /* a test's "device" is full */
+    void *p = malloc(size);
+    if (p) {
+        host_reserved += (int64_t)size;
+        if (host_reserved > host_reserved_peak) host_reserved_peak = host_reserved;
+    }
+    return p;
+}
+static void host_free(void *ptr, size_t size, stream_t stream) {
+    (void)stream;
+    host_reserved -= (int64_t)size;
+    free(ptr);
+}
+static int64_t host_reserved_bytes(int peak) { return peak ? host_reserved_peak : host_reserved; }
+static void host_reset_peak(void) { host_reserved_peak = host_reserved; }
+static void host_trim(void) {}
+
+/* reserved peak = max(reserved_floor, region + the fallback's peak since the region came) */
 static int64_t reserved_floor;
-
-static void reset_pool_high(void) {
-    if (backend == BACKEND_CUDA) {
-        uint64_t zero = 0; /* the driver restarts the high-water at the current reserved bytes */
-        if (c_pool_set(pool, ATTR_RESERVED_HIGH, &zero)) c_get_last_error();
-    } else {
-        host_reserved_peak = host_reserved;
-    }
-}
 
 static void note_allocated(int64_t delta) {
     st[S_ALLOCATED] += delta;
@@ -264,22 +303,6 @@ static void live_remove(int64_t id) {
         }
 }
 
-static void *fallback_alloc(size_t size, stream_t stream) {
-    if (backend == BACKEND_HOST) {
-        if (host_limit && host_reserved + (int64_t)size > host_limit) return NULL; /* a test's "device" is full */
-        void *p = malloc(size);
-        if (p) {
-            host_reserved += (int64_t)size;
-            if (host_reserved > host_reserved_peak) host_reserved_peak = host_reserved;
-        }
-        return p;
-    }
-    void *p = NULL;
-    if (c_malloc_async(&p, size, stream) == 0) return p;
-    c_get_last_error();
-    return NULL;
-}
-
 static void note_fallback(int why, int64_t delta) {
     st[S_FB_BYTES + why] += delta;
     if (st[S_FB_BYTES + why] > st[S_FB_PEAK + why]) st[S_FB_PEAK + why] = st[S_FB_BYTES + why];
@@ -287,14 +310,8 @@ static void note_fallback(int why, int64_t delta) {
 
 static void release(block_t *b) {
     if (b->offset < 0) note_fallback(b->why, -b->size);
-    if (b->offset >= 0) {
-        live_remove(b->id);
-    } else if (backend == BACKEND_HOST) {
-        host_reserved -= b->size;
-        free(b->ptr);
-    } else if (c_free_async(b->ptr, b->stream)) {
-        c_get_last_error();
-    }
+    if (b->offset >= 0) live_remove(b->id);
+    else fb.free(b->ptr, (size_t)b->size, b->stream);
     free(b);
 }
 
@@ -367,6 +384,7 @@ static int take_over(int64_t i, stream_t stream) {
 int lt_init_host(void) {
     pthread_mutex_lock(&mu);
     backend = BACKEND_HOST;
+    fb = (fallback_t){host_alloc, host_free, host_reserved_bytes, host_reset_peak, host_trim};
     pthread_mutex_unlock(&mu);
     return 0;
 }
@@ -390,8 +408,20 @@ int lt_init_cuda(const char *cudart, int device) {
     if (c_pool_set(pool, ATTR_RELEASE_THRESHOLD, &keep)) return -3;
     pthread_mutex_lock(&mu);
     backend = BACKEND_CUDA;
+    fb = (fallback_t){pool_alloc, pool_free, pool_reserved, pool_reset_peak, pool_trim};
     pthread_mutex_unlock(&mu);
     return 0;
+}
+
+/* Another fallback allocator (after lt_init_*): the shim passes torch's own caching allocator, so that what
+ * the plan does not serve (the warm-up, weights, optimizer state, side streams) is placed as in a run
+ * without the plan, in the caching allocator's mode (expandable segments or not). */
+void lt_set_fallback(void *(*alloc)(size_t, stream_t), void (*free_fn)(void *, size_t, stream_t),
+                     int64_t (*reserved)(int), void (*reset_peak)(void), void (*trim)(void)) {
+    pthread_mutex_lock(&mu);
+    fb = (fallback_t){alloc, free_fn, reserved, reset_peak, trim};
+    fb_external = 1;
+    pthread_mutex_unlock(&mu);
 }
 
 /* The region every plan's offsets live in; 0 ok, -1 out of memory, -2 already set. */
@@ -409,9 +439,9 @@ int lt_region_alloc(int64_t bytes) {
         } else {
             /* the pool's high-water so far was reached without the region: keep it as a floor and
              * restart the pool's own high-water, so region + pool peak counts only what coexisted */
-            int64_t before = pool_reserved(ATTR_RESERVED_HIGH);
+            int64_t before = fb.reserved(1);
             if (before > reserved_floor) reserved_floor = before;
-            reset_pool_high();
+            fb.reset_peak();
             region = p; region_bytes = bytes; st[S_REGION] = bytes;
         }
     }
@@ -513,16 +543,13 @@ static void *alloc_locked(size_t size, stream_t stream) {
         if (live_add(offset, (int64_t)size, next_id, expect, win.plan, k)) { free(b); return NULL; }
         st[S_SERVED]++;
     } else {
-        ptr = fallback_alloc(size, stream);
-        if (!ptr) {
-            /* everything deferred, then the pool's cached memory back to the device, then once more */
+        ptr = fb.alloc ? fb.alloc(size, stream) : NULL; /* no backend yet: nothing to serve from */
+        if (!ptr && fb.alloc) {
+            /* everything deferred, then the fallback's cached memory back to the device, then once more */
             st[S_OOM_RETRIES]++;
             process_deferred(1);
-            if (backend == BACKEND_CUDA) {
-                c_device_sync();
-                if (c_pool_trim(pool, 0)) c_get_last_error();
-            }
-            ptr = fallback_alloc(size, stream);
+            fb.trim();
+            ptr = fb.alloc(size, stream);
         }
         if (!ptr) { free(b); return NULL; }
         st[S_FALLBACK]++;
@@ -533,8 +560,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
     b->why = why;
     if (table_put(b)) { /* cannot track it: give it back rather than lose it */
         if (offset >= 0) live_remove(b->id);
-        else if (backend == BACKEND_HOST) { host_reserved -= b->size; free(ptr); }
-        else c_free_async(ptr, stream);
+        else fb.free(ptr, size, stream);
         free(b);
         return NULL;
     }
@@ -640,8 +666,8 @@ void lt_record_clear(void) { pthread_mutex_lock(&mu); rec_len = 0; pthread_mutex
 /* allocated and reserved bytes now and at their peaks, plan counters (the S_* order) */
 int lt_stats(int64_t *out, int n) {
     pthread_mutex_lock(&mu);
-    st[S_RESERVED] = region_bytes + pool_reserved(ATTR_RESERVED_CURRENT);
-    st[S_RESERVED_PEAK] = region_bytes + pool_reserved(ATTR_RESERVED_HIGH);
+    st[S_RESERVED] = region_bytes + (fb.reserved ? fb.reserved(0) : 0);
+    st[S_RESERVED_PEAK] = region_bytes + (fb.reserved ? fb.reserved(1) : 0);
     if (reserved_floor > st[S_RESERVED_PEAK]) st[S_RESERVED_PEAK] = reserved_floor;
     int m = n < S_N ? n : S_N;
     memcpy(out, st, (size_t)m * sizeof(int64_t));
@@ -654,7 +680,7 @@ void lt_reset_peaks(void) {
     st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
     for (int i = 0; i < FB_N; i++) st[S_FB_PEAK + i] = st[S_FB_BYTES + i];
     reserved_floor = 0;
-    reset_pool_high();
+    if (fb.reset_peak) fb.reset_peak();
     pthread_mutex_unlock(&mu);
 }
 
@@ -699,10 +725,7 @@ void lt_flush(int wait) { pthread_mutex_lock(&mu); process_deferred(wait); pthre
 void lt_empty_cache(void) {
     pthread_mutex_lock(&mu);
     process_deferred(1);
-    if (backend == BACKEND_CUDA) {
-        c_device_sync();
-        if (c_pool_trim(pool, 0)) c_get_last_error();
-    }
+    if (fb.trim) fb.trim();
     pthread_mutex_unlock(&mu);
 }
 
@@ -711,7 +734,7 @@ void lt_empty_cache(void) {
  * behind does not stay reserved next to the region. UINT64_MAX once the plan serves: the pool keeps
  * what it frees (the requests it serves then repeat every iteration), as a caching allocator does. */
 int lt_pool_keep(int keep) {
-    if (backend != BACKEND_CUDA) return 0;
+    if (backend != BACKEND_CUDA || fb_external) return 0; /* another fallback keeps its own cache */
     uint64_t v = keep ? UINT64_MAX : 0;
     if (c_pool_set(pool, ATTR_RELEASE_THRESHOLD, &v)) { c_get_last_error(); return -1; }
     return 0;

@@ -106,7 +106,8 @@ class Core:
                "lt_reset_peaks": (None, []), "lt_host_complete_events": (None, []), "lt_flush": (None, [i32]),
                "lt_empty_cache": (None, []), "lt_pool_keep": (i32, [i32]),
                "lt_host_limit": (None, [i64]), "lt_refusals": (i64, [ctypes.POINTER(i64), i64]),
-               "lt_host_waits": (i64, [ctypes.POINTER(i64)]), "lt_lifetimes": (i64, [ctypes.POINTER(i64), i64])}
+               "lt_host_waits": (i64, [ctypes.POINTER(i64)]), "lt_lifetimes": (i64, [ctypes.POINTER(i64), i64]),
+               "lt_set_fallback": (None, [vp, vp, vp, vp, vp])}
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -562,6 +563,8 @@ _SHIM = r"""
 #include <cstdio>
 #include <torch/extension.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 namespace P = torch::cuda::CUDAPluggableAllocator;
 using AllocFn = void* (*)(size_t, int, void*);
@@ -596,8 +599,37 @@ struct LongtrainAllocator : P::CUDAPluggableAllocator {
   void resetAccumulatedStats(c10::DeviceIndex) override {}
 };
 
+// torch's own caching allocator as the core's fallback (memory.planner.fallback=caching): captured before the
+// planned allocator replaces it, and called through these. No C++ exception may cross into the C core.
+namespace CA = c10::cuda::CUDACachingAllocator;
+static CA::CUDAAllocator* native = nullptr;
+static c10::DeviceIndex native_device = 0;
+static void* native_alloc(size_t n, void* s) {
+  try { return native->raw_alloc_with_stream(n, reinterpret_cast<cudaStream_t>(s)); } catch (...) { return nullptr; }
+}
+static void native_free(void* p, size_t, void*) {
+  try { native->raw_delete(p); } catch (...) {}
+}
+static int64_t native_reserved(int peak) {
+  try {
+    auto r = native->getDeviceStats(native_device).reserved_bytes[0];
+    return peak ? r.peak : r.current;
+  } catch (...) { return 0; }
+}
+static void native_reset_peak() { try { native->resetPeakStats(native_device); } catch (...) {} }
+static void native_trim() { try { native->emptyCache(); } catch (...) {} }
+using SetFallbackFn = void (*)(void* (*)(size_t, void*), void (*)(void*, size_t, void*), int64_t (*)(int),
+                               void (*)(), void (*)());
+
 void install(int64_t alloc_addr, int64_t free_addr, int64_t record_addr, int64_t stats_addr, int64_t reset_addr,
-             int64_t empty_addr) {
+             int64_t empty_addr, int64_t set_fallback_addr, int64_t device) {
+  if (set_fallback_addr) {
+    native = CA::get();
+    native_device = static_cast<c10::DeviceIndex>(device);
+    native->init(c10::cuda::device_count());  // torch will init the planned allocator, not this one
+    reinterpret_cast<SetFallbackFn>(set_fallback_addr)(native_alloc, native_free, native_reserved, native_reset_peak,
+                                                       native_trim);
+  }
   auto af = reinterpret_cast<AllocFn>(alloc_addr);
   auto ff = reinterpret_cast<FreeFn>(free_addr);
   auto rf = reinterpret_cast<RecordFn>(record_addr);
@@ -635,9 +667,19 @@ def _cudart_path() -> str:
     raise RuntimeError("the CUDA runtime library (libcudart) is not loaded by this torch")
 
 
-def install_cuda_allocator(device_index: int = 0) -> Core:
-    """Make the planned allocator this process's CUDA allocator (before CUDA allocates anything)."""
+FALLBACKS = ("pool", "caching")
+
+
+def install_cuda_allocator(device_index: int = 0, fallback: str = "pool") -> Core:
+    """Make the planned allocator this process's CUDA allocator (before CUDA allocates anything).
+
+    `fallback`: what serves the requests the plan does not: "pool", CUDA's stream-ordered allocator
+    (cudaMallocAsync; it gives freed memory back until the plan serves); "caching", torch's own caching
+    allocator, in the mode PYTORCH_CUDA_ALLOC_CONF sets (`memory.allocator`), so the warm-up and everything
+    unplanned are placed as in a run without the plan."""
     global _ACTIVE
+    if fallback not in FALLBACKS:
+        raise ValueError(f"memory.planner.fallback={fallback!r}: use one of {', '.join(FALLBACKS)}")
     if _ACTIVE is not None:
         return _ACTIVE
     if torch.cuda.is_initialized():
@@ -651,7 +693,8 @@ def install_cuda_allocator(device_index: int = 0) -> Core:
     shim = load_inline(name=f"longtrain_alloc_shim_{hashlib.sha256(_SHIM.encode()).hexdigest()[:10]}",
                        cpp_sources=[_SHIM], functions=["install"], with_cuda=True, verbose=False)
     shim.install(core.address("lt_malloc"), core.address("lt_free"), core.address("lt_record_stream"),
-                 core.address("lt_stats"), core.address("lt_reset_peaks"), core.address("lt_empty_cache"))
+                 core.address("lt_stats"), core.address("lt_reset_peaks"), core.address("lt_empty_cache"),
+                 core.address("lt_set_fallback") if fallback == "caching" else 0, device_index)
     _ACTIVE = core
     return core
 
@@ -660,5 +703,5 @@ def active_core() -> Core | None:
     return _ACTIVE
 
 
-__all__ = ["Core", "IterationPlan", "PlanRuntime", "active_core", "attach_windows", "build_core", "host_core",
+__all__ = ["FALLBACKS", "Core", "IterationPlan", "PlanRuntime", "active_core", "attach_windows", "build_core", "host_core",
            "install_cuda_allocator", "plan_recorded_iteration"]
