@@ -623,13 +623,7 @@ using SetFallbackFn = void (*)(void* (*)(size_t, void*), void (*)(void*, size_t,
 
 void install(int64_t alloc_addr, int64_t free_addr, int64_t record_addr, int64_t stats_addr, int64_t reset_addr,
              int64_t empty_addr, int64_t set_fallback_addr, int64_t device) {
-  if (set_fallback_addr) {
-    native = CA::get();
-    native_device = static_cast<c10::DeviceIndex>(device);
-    native->init(c10::cuda::device_count());  // torch will init the planned allocator, not this one
-    reinterpret_cast<SetFallbackFn>(set_fallback_addr)(native_alloc, native_free, native_reserved, native_reset_peak,
-                                                       native_trim);
-  }
+  CA::CUDAAllocator* previous = CA::get();  // torch's own, still uninitialised (CUDA has not started)
   auto af = reinterpret_cast<AllocFn>(alloc_addr);
   auto ff = reinterpret_cast<FreeFn>(free_addr);
   auto rf = reinterpret_cast<RecordFn>(record_addr);
@@ -651,7 +645,14 @@ void install(int64_t alloc_addr, int64_t free_addr, int64_t record_addr, int64_t
       reinterpret_cast<StatsFn>(stats_addr), reinterpret_cast<ResetFn>(reset_addr));
   alloc->set_record_stream_fn([rf](void* p, cudaStream_t s) { rf(p, reinterpret_cast<void*>(s)); });
   alloc->set_reset_fn(reinterpret_cast<EmptyFn>(empty_addr));  // torch.cuda.empty_cache()
-  P::changeCurrentAllocator(alloc);
+  P::changeCurrentAllocator(alloc);  // refuses an allocator already initialised: so the fallback's init comes after
+  if (set_fallback_addr) {
+    native = previous;
+    native_device = static_cast<c10::DeviceIndex>(device);
+    native->init(c10::cuda::device_count());  // torch initialises the current (planned) allocator, not this one
+    reinterpret_cast<SetFallbackFn>(set_fallback_addr)(native_alloc, native_free, native_reserved, native_reset_peak,
+                                                       native_trim);
+  }
 }
 """
 
