@@ -22,9 +22,11 @@ How it works (docs/memory-planner.md, "The runtime"):
 What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
 live planned block overlaps it; a request whose size, stream or position differs from the plan turns
 the plan off for the rest of its window (counted, warned once with the reason); memory another stream
-still reads is reused only in stream order (the new user's stream waits for that stream's events). The normal fallback for everything not planned
-is CUDA's stream-ordered allocator (cudaMallocAsync), not torch's caching allocator: a process has one
-allocator. Until the plan serves, that pool gives freed memory back to the device at every synchronisation
+still reads is reused only in stream order (the new user's stream waits for that stream's events).
+
+The fallback for everything not planned (`memory.planner.fallback`) is CUDA's stream-ordered allocator
+(cudaMallocAsync, the default) or torch's own caching allocator, which the shim keeps behind the planned
+one. The pool gives freed memory back to the device at every synchronisation until the plan serves
 (slower allocations in the warm-up and recorded iterations), so what they used does not stay reserved
 beside the region; from then on it keeps what it frees, as a caching allocator does.
 """
@@ -198,7 +200,6 @@ class IterationPlan:
     level1: dict[int, MemoryPlan]  # per layer-pass position: its transients
     level2: MemoryPlan | None  # the iteration: one block per layer pass + the requests that cross windows
     unplanned: dict = field(default_factory=dict)  # why requests were left to the fallback: cause -> counts
-
 
     @property
     def region_bytes(self) -> int:
