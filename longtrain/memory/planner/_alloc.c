@@ -154,8 +154,8 @@ static plan_t plans[MAX_PLANS];
 static char *region;
 static int64_t region_bytes;
 
-typedef struct { int64_t offset, size, id, expect_free, plan, k, freed; } live_t; /* plan, k: where it was planned;
-                                                                               * freed: by the program, waiting on other streams */
+/* plan, k: where it was planned; freed: by the program, still read by other streams (deferred) */
+typedef struct { int64_t offset, size, id, expect_free, plan, k, freed; } live_t;
 static live_t *live;
 static int64_t nlive, live_cap, live_bytes;
 

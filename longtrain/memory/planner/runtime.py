@@ -57,9 +57,10 @@ ALIGNMENT = 512
 
 STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "served", "miss_size", "miss_length",
               "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
-              "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss",
-              "reuse_waits",
-              *(f"fallback_{w}{peak}" for peak in ("", "_peak") for w in ("no_plan", "unplanned", "refused", "after_miss")))
+              "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss", "reuse_waits",
+              # the bytes the fallback holds by why it served them, then their peaks
+              *(f"fallback_{why}{peak}" for peak in ("", "_peak")
+                for why in ("no_plan", "unplanned", "refused", "after_miss")))
 
 
 def _cache_dir() -> Path:
@@ -466,7 +467,8 @@ class PlanRuntime:
             return {"window": p, "pass": f"{kind}{'' if layer < 0 else layer}", "k": k, "size": size}
 
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
-        return [{"count": c, "refused": where(p, k), "in_the_way": {**where(bp, bk), "freed_waiting_on_stream": bool(fr)}}
+        return [{"count": c, "refused": where(p, k),
+                 "in_the_way": {**where(bp, bk), "freed_waiting_on_stream": bool(fr)}}
                 for (p, k, _, bp, bk, fr), c in ranked]
 
     def lifetime_report(self, top: int = 10) -> list[dict]:
@@ -705,5 +707,5 @@ def active_core() -> Core | None:
     return _ACTIVE
 
 
-__all__ = ["FALLBACKS", "Core", "IterationPlan", "PlanRuntime", "active_core", "attach_windows", "build_core", "host_core",
-           "install_cuda_allocator", "plan_recorded_iteration"]
+__all__ = ["FALLBACKS", "Core", "IterationPlan", "PlanRuntime", "active_core", "attach_windows", "build_core",
+           "host_core", "install_cuda_allocator", "plan_recorded_iteration"]
