@@ -28,11 +28,14 @@ variant() {  # name -> overrides
   esac
 }
 case "${1:-}" in
-  check)  # both fallbacks
+  check)  # both fallbacks; fails if either does
+    rc=0
     for fb in pool caching; do
-      python3 tools/planner_gpu_check.py --out /tmp/planner_check_$fb --fallback $fb --json "$OUT/planner_check_$fb.json" \
-        2>&1 | filter | tee "$OUT/planner_check_$fb.log" | tail -12
-    done ;;
+      python3 tools/planner_gpu_check.py --out /tmp/planner_check_$fb --fallback $fb \
+        --json "$OUT/planner_check_$fb.json" > "$OUT/planner_check_$fb.raw" 2>&1 || rc=1
+      filter < "$OUT/planner_check_$fb.raw" | tee "$OUT/planner_check_$fb.log" | tail -12
+    done
+    exit $rc ;;
   side)
     for v in ${2:-caching expandable planned}; do
       timeout 300 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) train.output_dir="$OUT/run_$v" \
@@ -40,7 +43,7 @@ case "${1:-}" in
         | tee "$OUT/side_$v.log" | tail -14
       for lv in level2 level1_largest; do  # the plans the runtime saved, drawn (time x, address y)
         P="$OUT/run_$v/memory_plan_runtime_rank0_$lv.json"
-        [ -f "$P" ] && python3 tools/plan_memory.py --png "$OUT/plan_${v}_$lv.png" --plan "$P" | tail -2
+        if [ -f "$P" ]; then python3 tools/plan_memory.py --png "$OUT/plan_${v}_$lv.png" --plan "$P" | tail -2; fi
       done
     done ;;
   fits)  # budget GiB, then allocator:seq pairs: one attempt each (a fresh process), fits or runs out of memory

@@ -208,11 +208,12 @@ class LayerSwap:
             return
         self.fetched = True
         s = self.streams
-        # The device buffers below come from the compute stream's pool: a block freed there can still be
-        # read by queued compute kernels, so the copy stream starts after the compute work queued so far.
+        devs = [torch.empty(p.host.numel(), dtype=torch.uint8, device=s.device) for p in self.slots]
+        # The device buffers come from the compute stream's pool, ready for work ordered after their
+        # allocation there (a block freed there can still be read by queued compute kernels, and a planned
+        # allocator may have ordered their reuse on that stream): the copy stream starts from this point.
         compute_now = torch.cuda.current_stream(s.device).record_event() if s.cuda else None
-        for p in self.slots:
-            dev = torch.empty(p.host.numel(), dtype=torch.uint8, device=s.device)
+        for p, dev in zip(self.slots, devs):
             s.stats.h2d_bytes += p.host.numel()
             if s.cuda:
                 with torch.cuda.stream(s.h2d):

@@ -19,7 +19,7 @@ from longtrain.memory.planner import MemoryPlan
 from longtrain.memory.planner.runtime import (ALIGNMENT, PlanRuntime, attach_windows, host_core,
                                               plan_recorded_iteration)
 
-S1, S2 = 1, 2  # stream handles
+S1, S2, S3 = 1, 2, 3  # stream handles
 
 
 @pytest.fixture
@@ -133,17 +133,61 @@ def test_planned_slot_freed_but_read_by_another_stream_is_reused_in_stream_order
     assert core.stats()["deferred"] == 1 and _waits(core)[0] == 0
     core.window_begin(0, S1)
     b = core.malloc(1024, S1)  # the plan's slot: S1 first waits for S2's event recorded at the free
-    assert b == base and core.stats()["reuse_waits"] == 1 and core.stats()["deferred"] == 0
+    assert b == base and core.stats()["reuse_waits"] == 1
     assert _waits(core) == (1, (S1, 1))  # on the allocating stream, for ticket 1 (the free's event)
-    core.record_stream(b, S2)
+    assert core.stats()["deferred"] == 1  # `a` stays listed until S2 is really done with it
+    core.lib.lt_host_complete_events()
     core.free(b, S1)
-    core.lib.lt_host_complete_events()  # this time S2 is done before the slot is asked for again
+    core.lib.lt_flush(0)  # the next allocation or window would do it
+    assert core.stats()["deferred"] == 0 and core.stats()["planned_live"] == 0
     core.window_begin(0, S1)
     assert core.malloc(1024, S1) == base and _waits(core)[0] == 1  # nothing left to wait for
     held = core.malloc(1024, S1)  # past the plan: the fallback
     core.window_begin(0, S1)
     assert core.malloc(1024, S1) != base  # slot held by the program (not freed): refused, never shared
     assert core.stats()["refused_overlap"] == 1 and core.refusals()[-1][5] == 0 and held
+
+
+def test_stream_ordered_reuse_guards_every_stream_and_every_byte(core):
+    """A freed block still read by S2 is reused by a smaller request on S1: the rest of its bytes must not
+    go to another stream without that stream waiting too; a slot partly held by the program is refused
+    without queuing any wait."""
+    base = _region(core, 2048)
+    core.set_plan(0, [1024], [0])
+    core.set_plan(1, [512], [0])
+    core.set_plan(2, [512], [512])
+    core.set_plan(3, [1024, 2048], [1024, 0])
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)
+    core.record_stream(a, S2)
+    core.free(a, S1)
+    core.window_begin(1, S1)
+    assert core.malloc(512, S1) == base and _waits(core) == (1, (S1, 1))
+    core.window_begin(2, S3)  # another stream asks for the other half of `a`'s bytes
+    assert core.malloc(512, S3) == base + 512 and _waits(core) == (2, (S3, 1))  # it waits for S2 as well
+    core.lib.lt_host_complete_events()
+    core.lib.lt_flush(0)
+    core.window_begin(3, S1)
+    c = core.malloc(1024, S1)  # [1024, 2048): free
+    core.record_stream(c, S2)
+    core.free(c, S1)  # freed, copy pending
+    waits = _waits(core)[0]
+    d = core.malloc(2048, S1)  # [0, 2048) overlaps the two halves still held and `c`: refused
+    assert not base <= d < base + 2048 and core.stats()["refused_overlap"] == 1
+    assert _waits(core)[0] == waits and core.stats()["deferred"] == 1  # no wait queued, `c` still listed
+
+
+def test_check_mode_does_not_count_a_freed_block_whose_copy_is_pending_as_leaked(core):
+    _region(core, 1024)
+    core.lib.lt_set_check(1)
+    core.set_plan(0, [1024], [0])
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)
+    core.record_stream(a, S2)
+    core.free(a, S1)  # freed in its window; the D2H copy outlasts the window
+    core.window_begin(-1, S1)
+    s = core.stats()
+    assert (s["check_lifetime"], s["check_leaked"], s["deferred"]) == (0, 0, 1)
 
 
 def test_out_of_memory_waits_for_deferred_frees_then_gives_up(core):
@@ -513,7 +557,6 @@ def test_another_fallback_allocator_serves_what_the_plan_does_not(core):
     core.lib.lt_host_complete_events()
     core.lib.lt_flush(0)
     assert b not in fake.live and fake.calls[-1] == ("free", 2048, S1)
-    assert core.lib.lt_pool_keep(1) == 0  # the other allocator keeps its own cache
     core.lib.lt_empty_cache()  # torch.cuda.empty_cache(): the fallback gives its cache back
     assert fake.calls[-1] == ("trim",) and core.stats()["reserved"] == 1024
     c = core.malloc(6144, S1)  # past the window's plan: fallback
@@ -539,7 +582,8 @@ def test_planner_fallback_setting_reaches_the_installer(monkeypatch):
         return f"planned ({fallback})"
 
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "LONGTRAIN_ALLOC_CONF"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that teardown restores whatever was there (or nothing)
+        monkeypatch.delenv(name)
     monkeypatch.setattr(arena, "_applied", None)
     monkeypatch.setattr(arena, "install_planned_allocator", install)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

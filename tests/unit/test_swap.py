@@ -158,9 +158,10 @@ def test_allocator_mode_is_set_unless_the_environment_says(monkeypatch):
     from longtrain.memory import arena
     from longtrain.memory.arena import configure_cuda_allocator
 
-    def fresh():  # a new process: nothing set
+    def fresh():  # a new process: nothing set (setenv first, so that teardown restores the absence too)
         for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "LONGTRAIN_ALLOC_CONF"):
-            monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
         monkeypatch.setattr(arena, "_applied", None)
 
     fresh()

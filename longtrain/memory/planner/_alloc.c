@@ -262,13 +262,6 @@ static void note_allocated(int64_t delta) {
     if (st[S_ALLOCATED] > st[S_ALLOCATED_PEAK]) st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
 }
 
-/* the live planned block overlapping [off, off + size), or -1 */
-static int64_t overlaps_live(int64_t off, int64_t size) {
-    for (int64_t i = 0; i < nlive; i++)
-        if (live[i].offset < off + size && off < live[i].offset + live[i].size) return i;
-    return -1;
-}
-
 /* refusals, for diagnosis: (plan, k, size, blocking block's plan, its k, whether the program had freed
  * it already and it waited on another stream); the first REFUSAL_LOG kept */
 #define REFUSAL_LOG 4096
@@ -348,35 +341,43 @@ static void process_deferred(int wait_all) {
     st[S_DEFERRED] = ndeferred;
 }
 
-/* Stream-ordered reuse: the planned block `live[i]`, freed by the program but still read by other
- * streams (record_stream), goes back now and `stream` waits for those streams' events first, so every
- * kernel queued there after this point (the new tensor's users) runs after their last use. The plan placed
- * the new request there because the program had freed the old one: this keeps the plan's timeline
- * instead of refusing it (the caching allocator would take fresh memory instead). 0: done; -1: the
- * block is still held by the program, or a wait could not be queued (the caller refuses). */
-static int take_over(int64_t i, stream_t stream) {
-    if (!live[i].freed) return -1;
-    int64_t id = live[i].id, d;
-    for (d = 0; d < ndeferred && deferred[d].b->id != id; d++) {}
-    if (d == ndeferred) return -1;
-    deferred_t *w = &deferred[d];
-    for (int e = 0; e < w->nev; e++) {
-        if (event_done(w->ev[e])) continue;
-        if (backend == BACKEND_HOST) {
-            host_waits++;
-            host_last_wait[0] = (int64_t)(intptr_t)stream;
-            host_last_wait[1] = (int64_t)(intptr_t)w->ev[e];
-        } else if (c_stream_wait_event(stream, w->ev[e], 0)) {
-            c_get_last_error();
-            return -1;
+/* Stream-ordered reuse. The planned slot [off, off + size) for a request on `stream`: -1 when it may be
+ * handed out, else the index in `live` of a planned block the program still holds there (the request is
+ * refused; nothing was changed). Blocks there that the program has freed but other streams still read
+ * (record_stream) do not stand in the way: `stream` first waits for the events recorded on those streams
+ * at the free (cudaStreamWaitEvent), so every kernel queued on `stream` from here on runs after their last
+ * use; the freed blocks stay listed (and so guard the rest of their bytes against other streams) until
+ * those events complete. The plan placed the request there because the program had freed the old tensor:
+ * this keeps the plan's timeline instead of refusing it. As with any allocation, the memory is ready for
+ * work ordered after the allocation on the allocating stream. */
+static int64_t claim_slot(int64_t off, int64_t size, stream_t stream) {
+    int64_t nfreed = 0;
+    for (int64_t i = 0; i < nlive; i++)
+        if (live[i].offset < off + size && off < live[i].offset + live[i].size) {
+            if (!live[i].freed) return i;
+            nfreed++;
         }
+    if (!nfreed) return -1;
+    for (int64_t i = 0; i < nlive; i++) {
+        if (!(live[i].offset < off + size && off < live[i].offset + live[i].size)) continue;
+        int64_t d;
+        for (d = 0; d < ndeferred && deferred[d].b->id != live[i].id; d++) {}
+        if (d == ndeferred) continue; /* released meanwhile: nothing to wait for */
+        for (int e = 0; e < deferred[d].nev; e++) {
+            void *ev = deferred[d].ev[e];
+            if (event_done(ev)) continue;
+            if (backend == BACKEND_HOST) {
+                host_waits++;
+                host_last_wait[0] = (int64_t)(intptr_t)stream;
+                host_last_wait[1] = (int64_t)(intptr_t)ev;
+            } else if (c_stream_wait_event(stream, ev, 0)) {
+                c_get_last_error();
+                return i; /* cannot order the reuse: refuse */
+            }
+        }
+        st[S_REUSE_WAITS]++;
     }
-    for (int e = 0; e < w->nev; e++) event_destroy(w->ev[e]);
-    release(w->b);
-    deferred[d] = deferred[--ndeferred];
-    st[S_DEFERRED] = ndeferred;
-    st[S_REUSE_WAITS]++;
-    return 0;
+    return -1;
 }
 
 /* ---- API --------------------------------------------------------------------------------------- */
@@ -472,16 +473,16 @@ int lt_set_plan(int id, int64_t n, const int64_t *size, const int64_t *offset, c
 
 static void close_window(void) {
     if (win.active && check_mode && win.plan >= 0)
-        for (int64_t i = 0; i < nlive; i++)  /* blocks the plan says this window frees */
-            if (live[i].expect_free == win.plan) st[S_CHECK_LEAKED]++;
+        for (int64_t i = 0; i < nlive; i++)  /* blocks the plan says this window frees, still held */
+            if (live[i].expect_free == win.plan && !live[i].freed) st[S_CHECK_LEAKED]++;
     win.active = 0;
 }
 
 /* Opens a window (closing an open one); plan < 0: no plan, everything goes to the fallback. */
 int64_t lt_window_begin(int plan, stream_t stream) {
     pthread_mutex_lock(&mu);
-    close_window();
     process_deferred(0);
+    close_window();
     win.active = 1;
     win.plan = (plan >= 0 && plan < MAX_PLANS && plans[plan].size) ? plan : -1;
     win.asked = plan;
@@ -517,9 +518,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
             else if (p->offset[k] >= 0 && stream != win.stream) { win.off = 1; st[S_MISS_STREAM]++; }
             else if (p->offset[k] < 0) why = FB_UNPLANNED;
             else {
-                int64_t in_the_way = overlaps_live(p->offset[k], (int64_t)size);
-                while (in_the_way >= 0 && take_over(in_the_way, stream) == 0)
-                    in_the_way = overlaps_live(p->offset[k], (int64_t)size);
+                int64_t in_the_way = claim_slot(p->offset[k], (int64_t)size, stream);
                 if (in_the_way >= 0) {
                     st[S_REFUSED_OVERLAP]++;
                     why = FB_REFUSED;
@@ -666,6 +665,7 @@ void lt_record_clear(void) { pthread_mutex_lock(&mu); rec_len = 0; pthread_mutex
 /* allocated and reserved bytes now and at their peaks, plan counters (the S_* order) */
 int lt_stats(int64_t *out, int n) {
     pthread_mutex_lock(&mu);
+    st[S_PLANNED_LIVE] = live_bytes;
     st[S_RESERVED] = region_bytes + (fb.reserved ? fb.reserved(0) : 0);
     st[S_RESERVED_PEAK] = region_bytes + (fb.reserved ? fb.reserved(1) : 0);
     if (reserved_floor > st[S_RESERVED_PEAK]) st[S_RESERVED_PEAK] = reserved_floor;

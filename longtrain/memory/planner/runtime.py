@@ -564,6 +564,7 @@ def attach_windows(layers: nn.ModuleList, runtime: PlanRuntime) -> None:
 
 _SHIM = r"""
 #include <cstdio>
+#include <exception>
 #include <torch/extension.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -607,8 +608,18 @@ struct LongtrainAllocator : P::CUDAPluggableAllocator {
 namespace CA = c10::cuda::CUDACachingAllocator;
 static CA::CUDAAllocator* native = nullptr;
 static c10::DeviceIndex native_device = 0;
+// Out of memory is a null (the core then retries as it does with the pool); any other error is kept and
+// rethrown by the allocation hook once the core has returned, so it surfaces as itself.
+static thread_local std::exception_ptr native_error;
 static void* native_alloc(size_t n, void* s) {
-  try { return native->raw_alloc_with_stream(n, reinterpret_cast<cudaStream_t>(s)); } catch (...) { return nullptr; }
+  try {
+    return native->raw_alloc_with_stream(n, reinterpret_cast<cudaStream_t>(s));
+  } catch (const c10::OutOfMemoryError&) {
+    return nullptr;
+  } catch (...) {
+    native_error = std::current_exception();
+    return nullptr;
+  }
 }
 static void native_free(void* p, size_t, void*) {
   try { native->raw_delete(p); } catch (...) {}
@@ -633,6 +644,11 @@ void install(int64_t alloc_addr, int64_t free_addr, int64_t record_addr, int64_t
   auto alloc = std::make_shared<LongtrainAllocator>(
       [af](size_t n, int dev, cudaStream_t s) -> void* {
         void* p = af(n, dev, reinterpret_cast<void*>(s));
+        if (p == nullptr && native_error) {  // the caching allocator behind the plan failed otherwise
+          std::exception_ptr e = native_error;
+          native_error = nullptr;
+          std::rethrow_exception(e);
+        }
         if (p == nullptr && n != 0) {
           // The message is formatted with snprintf and the error built by c10's own (out-of-line)
           // constructor: formatting a number through TORCH_CHECK's ostream inside this extension crashed
