@@ -227,6 +227,36 @@ def combine_splits(ranks: list[dict]) -> tuple[dict, str | None]:
     return out, None
 
 
+def profile_all_ranks(stepper, cuda: bool, rank: int, world: int, trace_dir: str | None) -> list[dict]:
+    """`profile_step` on every rank, and every rank's split on every rank (all-gathered)."""
+    prof = [profile_step(stepper, cuda, rank, trace_dir)]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, prof[0])
+        prof = gathered
+    return prof
+
+
+def median_step_split(recs: list[dict], prof: list[dict] | None, cuda: bool,
+                      copies: list[dict] = ()) -> tuple[dict, dict, str | None]:
+    """The timed step of median time, its time split (the copy streams' busy time from `copies`, the rest
+    from the profiled step's ranks `prof` when a step was profiled) and why the split's missing parts are."""
+    mid = sorted(recs, key=lambda r: r["step_time_s"])[len(recs) // 2]
+    split = {"step_s": mid["step_time_s"]}
+    if copies:  # busy time of the copy streams per step: copies overlapped with compute count as well
+        split.update({f"swap_{k}_busy_s": statistics.median(c[f"{k}_s"] for c in copies) for k in ("d2h", "h2d")})
+        split.update({f"swap_{k}_bytes": copies[0][f"{k}_bytes"] for k in ("d2h", "h2d")})
+    if prof is None:
+        why = ("CPU: no GPU timeline to split" if not cuda else "no step profiled") + " (--profile-step profiles one)"
+    else:
+        measured, why = combine_splits(prof)
+        split.update(measured)
+    split["profiled"] = prof is not None
+    return mid, split, why
+
+
 def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers: int | None,
               matmul_n: int, profiled: bool | None = None, trace_dir: str | None = None,
               gpu_budget_gib: float = 0.0) -> dict | None:
@@ -301,7 +331,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     held = ballast.numel() if ballast is not None else 0
     peaks = (((torch.cuda.max_memory_allocated(mesh.device) - held) / 2**30,
               (torch.cuda.max_memory_reserved(mesh.device) - held) / 2**30) if cuda else (-1.0, -1.0))
-    plan_rt = getattr(trainer.model, "plan_runtime", None)
+    plan_rt = getattr(trainer.model, "plan_runtime", None) if mesh.is_main else None  # rank 0 reports
     planner = None if plan_rt is None else {"state": plan_rt.state, "summary": plan_rt.summary(),
                                             "at_plan": plan_rt.at_plan, "refusals": plan_rt.refusal_report(),
                                             "unplanned": plan_rt.plan.unplanned if plan_rt.plan else {},
@@ -315,11 +345,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         if time_copies:
             streams.reset_stats()
             streams.timing = False
-        prof = [profile_step(trainer, cuda, mesh.rank, trace_dir)]
-        if mesh.distributed:
-            gathered = [None] * mesh.world_size
-            dist.all_gather_object(gathered, prof[0])
-            prof = gathered
+        prof = profile_all_ranks(trainer, cuda, mesh.rank, mesh.world_size, trace_dir)
     if mesh.distributed:
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
     trainer.engine.destroy()
@@ -328,18 +354,8 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     if not mesh.is_main:
         return None
 
-    mid = sorted(recs, key=lambda r: r["step_time_s"])[len(recs) // 2]  # the step of median time
+    mid, split, why = median_step_split(recs, prof, cuda, copies)
     args = model_shape(cfg)
-    split = {"step_s": mid["step_time_s"]}
-    if copies:  # busy time of the copy streams per step: copies overlapped with compute count as well
-        split.update({f"swap_{k}_busy_s": statistics.median(c[f"{k}_s"] for c in copies) for k in ("d2h", "h2d")})
-        split.update({f"swap_{k}_bytes": copies[0][f"{k}_bytes"] for k in ("d2h", "h2d")})
-    if prof is None:
-        why = ("CPU: no GPU timeline to split" if not cuda else "no step profiled") + " (--profile-step profiles one)"
-    else:
-        measured, why = combine_splits(prof)
-        split.update(measured)
-    split["profiled"] = prof is not None
     tflops = mid["tflops_per_device"]
     return {
         "kind": "bench", "recipe": recipe, "overrides": list(overrides), "seq_len": trainer.stages[0].data.seq_len,
@@ -546,27 +562,43 @@ def run_attempt(script: str, argv: list[str], nproc: int, seq: int, out: Path, t
     return Attempt(seq, "failed", detail=why) if why else Attempt(seq, "ok", record=recs[-1])
 
 
-def child_runner(ns, nproc: int, workdir: Path) -> Callable[[int], Attempt]:
-    """Runs one attempt of this benchmark in a fresh process."""
+def profile_step_argv(ns) -> list[str]:
+    """An attempt's profiled-step flag, when one was given (the attempts' traces are not kept: one directory
+    would hold them all)."""
+    return [] if ns.profile_step is None else ["--profile-step" if ns.profile_step else "--no-profile-step"]
 
-    def run(seq: int) -> Attempt:
-        out = workdir / f"seq_{seq}.json"
-        args = [ns.recipe, *ns.overrides, f"data.seq_len={seq}", "--steps", str(ns.steps), "--warmup", str(ns.warmup),
-                "--matmul-n", str(ns.matmul_n), "--json", str(out)]
-        args += ["--layers", str(ns.layers)] if ns.layers else []
-        args += ["--gpu-budget-gib", str(ns.gpu_budget_gib)] if ns.gpu_budget_gib else []
-        if ns.profile_step is not None:  # the attempts' traces are not kept: one directory would hold them all
-            args.append("--profile-step" if ns.profile_step else "--no-profile-step")
 
-        def check(rec: dict) -> str | None:
-            if rec["seq_len"] != seq:
-                return (f"trained seq_len {rec['seq_len']}, not {seq}: the recipe's first stage sets its own "
-                        "data.seq_len")
-            return None
+def attempt_runner(script: str, argv_of, check: Callable[[dict, int], str | None] = lambda rec, seq: None):
+    """`make_runner` for run_search: each attempt runs `script` with `argv_of(ns, seq, out)` in a fresh
+    process and reads its record from `out`; `check(record, seq)` may name a reason it does not count.
+    This benchmark's and the peers' (tools/peers/)."""
+    def make(ns, nproc: int, workdir: Path) -> Callable[[int], Attempt]:
+        def run(seq: int) -> Attempt:
+            out = workdir / f"seq_{seq}.json"
+            return run_attempt(script, argv_of(ns, seq, out), nproc, seq, out, ns.attempt_timeout,
+                               lambda rec: check(rec, seq))
 
-        return run_attempt(str(Path(__file__).resolve()), args, nproc, seq, out, ns.attempt_timeout, check)
+        return run
 
-    return run
+    return make
+
+
+def attempt_argv(ns, seq: int, out: Path) -> list[str]:
+    """This benchmark's flags for one attempt: the recipe and its overrides at `seq` tokens."""
+    args = [ns.recipe, *ns.overrides, f"data.seq_len={seq}", "--steps", str(ns.steps), "--warmup", str(ns.warmup),
+            "--matmul-n", str(ns.matmul_n), "--json", str(out)]
+    args += ["--layers", str(ns.layers)] if ns.layers else []
+    args += ["--gpu-budget-gib", str(ns.gpu_budget_gib)] if ns.gpu_budget_gib else []
+    return args + profile_step_argv(ns)
+
+
+def trained_seq_len(rec: dict, seq: int) -> str | None:
+    if rec["seq_len"] != seq:
+        return f"trained seq_len {rec['seq_len']}, not {seq}: the recipe's first stage sets its own data.seq_len"
+    return None
+
+
+child_runner = attempt_runner(str(Path(__file__).resolve()), attempt_argv, trained_seq_len)
 
 
 def describe(a: Attempt) -> str:
@@ -672,46 +704,62 @@ def add_measure_args(p: argparse.ArgumentParser, *, seq_what: str, seq_start: in
                    help="seconds before an attempt counts as failed (default 0: no limit)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_intermixed_args(argv)
-    if ns.gpu_budget_gib < 0:
-        print(f"bench_train: error: --gpu-budget-gib {ns.gpu_budget_gib} must be >= 0 (GiB; 0: all of the GPU)",
-              file=sys.stderr)
-        return EXIT_USAGE
+def check_run_flags(ns) -> None:
+    """The refusals this benchmark and the peers share (steps, depth, --trace-dir); --trace-dir turns the
+    profiled step on."""
     if ns.steps < 1 or ns.warmup < 0 or (ns.layers is not None and ns.layers < 1):
-        print(f"bench_train: error: need --steps >= 1 (got {ns.steps}), --warmup >= 0 (got {ns.warmup}) and "
-              f"--layers >= 1 (got {ns.layers})", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"need --steps >= 1 (got {ns.steps}), --warmup >= 0 (got {ns.warmup}) and --layers >= 1 "
+                         f"(got {ns.layers})")
     if ns.trace_dir and (ns.profile_step is False or ns.find_max_seq):
-        print("bench_train: error: --trace-dir keeps the trace of the profiled step: it needs a profiled step "
-              "(not --no-profile-step) and a single run (not --find-max-seq)", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("--trace-dir keeps the trace of the profiled step: it needs a profiled step (not "
+                         "--no-profile-step) and a single run (not --find-max-seq)")
     if ns.trace_dir:
         ns.profile_step = True
+
+
+def check_flags(ns) -> None:
+    if ns.gpu_budget_gib < 0:
+        raise UsageError(f"--gpu-budget-gib {ns.gpu_budget_gib} must be >= 0 (GiB; 0: all of the GPU)")
+    check_run_flags(ns)
+    if ns.json:  # refused now rather than after the runs
+        read_json_list(ns.json)
+
+
+def run_cli(ns, prog: str, check, find_max_seq, run, show) -> int:
+    """A parsed command line of this benchmark or a peer: the flags checked, then the longest-length search
+    or one run printed (and appended to --json); a user error exits 2 with one line, an out-of-memory
+    error with --find-max-seq's marker."""
     import torch
 
     from longtrain.config import ConfigError
 
     try:
-        if ns.json:  # refused now rather than after the runs
-            read_json_list(ns.json)
+        check(ns)
         if ns.find_max_seq:
             return find_max_seq(ns)
-        rec = run_bench(ns.recipe, ns.overrides, ns.steps, ns.warmup, ns.layers, ns.matmul_n, ns.profile_step,
-                        ns.trace_dir, ns.gpu_budget_gib)
+        rec = run(ns)
         if rec is not None:
-            print_record(rec)
+            show(rec)
             if ns.json:
                 append_json(ns.json, [rec])
                 print(f"record appended to {ns.json}", flush=True)
     except (ConfigError, UsageError) as e:
         if _rank() == 0:
-            print(f"bench_train: error: {e}", file=sys.stderr, flush=True)
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except (torch.OutOfMemoryError, RuntimeError) as e:
         exit_if_oom(e)
         raise
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run(ns):
+        return run_bench(ns.recipe, ns.overrides, ns.steps, ns.warmup, ns.layers, ns.matmul_n, ns.profile_step,
+                         ns.trace_dir, ns.gpu_budget_gib)
+
+    return run_cli(build_parser().parse_intermixed_args(argv), "bench_train", check_flags, find_max_seq, run,
+                   print_record)
 
 
 def exit_if_oom(e: BaseException) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def apply_memory_plan(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+def apply_memory_plan(model: nn.Module, cfg, device: torch.device, rank: int = 0) -> nn.Module:
     """Wrap the decoder layers as windows of the planned runtime (outermost: after the activation policy)."""
     from longtrain.memory.planner.runtime import PlanRuntime, active_core, attach_windows
 
@@ -31,7 +31,6 @@ def apply_memory_plan(model: nn.Module, cfg, device: torch.device) -> nn.Module:
                     "still prints and saves the plan)", why)
         return model
     pc = cfg.memory.planner
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     model.plan_runtime = PlanRuntime(core, device, record_iteration=pc.record_iteration,
                                      time_limit_s=pc.time_limit_s, check=pc.check, save_dir=cfg.train.output_dir,
                                      rank=rank)

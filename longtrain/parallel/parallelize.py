@@ -31,5 +31,5 @@ def parallelize_model(model: nn.Module, cfg: Config, mesh: Mesh) -> nn.Module:
         apply_sequence_parallel(model, mesh.sp_group, mesh.sp_size, sp.method, sp.layout)
     model.swap_streams = apply_activation_policy(model, cfg, mesh.device, mesh.sp_size, mesh.sp_rank)
     if cfg.memory.planner.enabled:
-        apply_memory_plan(model, cfg, mesh.device)
+        apply_memory_plan(model, cfg, mesh.device, mesh.rank)
     return model

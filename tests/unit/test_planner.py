@@ -271,41 +271,6 @@ def test_plan_memory_png_with_and_without_snapshot(tmp_path):
 
 # ---- a meta trace's plan through the runtime's allocator core ---------------------------------------
 
-def test_meta_trace_plan_replays_through_the_allocator_core():
-    """The level-1 plan of a traced layer, served by the C core (host backend) in the trace's own request
-    order for two passes: every transient from the plan, nothing refused, nothing missed."""
-    from longtrain.memory.planner.levels import plan_layer
-    from longtrain.memory.planner.runtime import host_core
-    from longtrain.memory.planner.trace import trace_layer
-    from longtrain.models.presets import PRESETS
-
-    tr = trace_layer(PRESETS["debug"], 64)[0]
-    plan = plan_layer(tr, time_limit_s=5, alignment=1)
-    planned = iter(plan.offsets)
-    offsets = {k: next(planned) if t.role == "transient" else -1 for k, t in enumerate(tr.requests)}
-    order = sorted(range(len(tr.requests)), key=lambda k: tr.requests[k].request.start)  # allocation order
-    core = host_core()
-    assert core.lib.lt_region_alloc(plan.peak_bytes) == 0
-    core.set_plan(0, [tr.requests[k].request.size for k in order], [offsets[k] for k in order])
-    events = sorted([(t.request.start, 1, k) for k, t in enumerate(tr.requests)] +
-                    [(t.request.end, 0, k) for k, t in enumerate(tr.requests)])
-    for _ in range(2):
-        core.window_begin(0, 1)
-        ptr = {}
-        for _, is_alloc, k in events:
-            if is_alloc:
-                ptr[k] = core.malloc(tr.requests[k].request.size, 1)
-            else:
-                core.free(ptr.pop(k), 1)
-        core.window_end()
-        for p in ptr.values():
-            core.free(p, 1)
-    st = core.stats()
-    n_transient = sum(t.role == "transient" for t in tr.requests)
-    assert st["served"] == 2 * n_transient and n_transient > 0
-    assert (st["miss_size"], st["miss_length"], st["refused_overlap"], st["allocated"]) == (0, 0, 0, 0)
-
-
 def test_planner_modules_are_pure_python():
     # The planner itself (not the tracer, not the recipe front end) imports only the standard library,
     # PuLP and its own modules: no torch, no torch.distributed, no GPU.

@@ -62,6 +62,39 @@ def test_reserved_peak_counts_only_what_coexisted_with_the_region(core):
     assert core.stats()["reserved_peak"] == 2048 and core.stats()["allocated_peak"] == 0
 
 
+def test_meta_trace_plan_replays_through_the_allocator_core(core):
+    """The level-1 plan of a traced layer, served by the C core (host backend) in the trace's own request
+    order for two passes: every transient from the plan, nothing refused, nothing missed."""
+    from longtrain.memory.planner.levels import plan_layer
+    from longtrain.memory.planner.trace import trace_layer
+    from longtrain.models.presets import PRESETS
+
+    tr = trace_layer(PRESETS["debug"], 64)[0]
+    plan = plan_layer(tr, time_limit_s=5, alignment=1)
+    planned = iter(plan.offsets)
+    offsets = {k: next(planned) if t.role == "transient" else -1 for k, t in enumerate(tr.requests)}
+    order = sorted(range(len(tr.requests)), key=lambda k: tr.requests[k].request.start)  # allocation order
+    _region(core, plan.peak_bytes)
+    core.set_plan(0, [tr.requests[k].request.size for k in order], [offsets[k] for k in order])
+    events = sorted([(t.request.start, 1, k) for k, t in enumerate(tr.requests)] +
+                    [(t.request.end, 0, k) for k, t in enumerate(tr.requests)])
+    for _ in range(2):
+        core.window_begin(0, 1)
+        ptr = {}
+        for _, is_alloc, k in events:
+            if is_alloc:
+                ptr[k] = core.malloc(tr.requests[k].request.size, 1)
+            else:
+                core.free(ptr.pop(k), 1)
+        core.window_end()
+        for p in ptr.values():
+            core.free(p, 1)
+    st = core.stats()
+    n_transient = sum(t.role == "transient" for t in tr.requests)
+    assert st["served"] == 2 * n_transient and n_transient > 0
+    assert (st["miss_size"], st["miss_length"], st["refused_overlap"], st["allocated"]) == (0, 0, 0, 0)
+
+
 def test_size_mismatch_turns_the_plan_off_for_the_rest_of_the_window(core):
     base = _region(core, 4096)
     core.set_plan(0, [1024, 1024, 1024], [0, 1024, 2048])

@@ -572,7 +572,7 @@ def attempt_argv(ns, seq: int, out: Path) -> list[str]:
     return tn.forwarded_argv(ns, FORWARDED, switches, seq, out)
 
 
-child_runner = tn.attempt_runner(str(Path(__file__).resolve()), attempt_argv)
+child_runner = bt.attempt_runner(str(Path(__file__).resolve()), attempt_argv)
 
 
 def find_max_seq(ns) -> int:
@@ -604,7 +604,7 @@ def check_flags(ns) -> None:
     """Refusals before any process group or GPU memory exists."""
     import importlib.util
 
-    tn.check_common_flags(ns)
+    bt.check_run_flags(ns)
     if not ns.loss_shard_gib > 0:
         raise bt.UsageError(f"--loss-shard-gib {ns.loss_shard_gib} must be > 0")
     if peer_shape(ns).tie_word_embeddings:
@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # DeepSpeed calls torch collectives that torch marks deprecated, once per step: noise, not news
     warnings.filterwarnings("ignore", message=r".* is deprecated\. Please use", category=FutureWarning)
-    return tn.peer_main(build_parser().parse_args(argv), "alst", check_flags, find_max_seq, run_peer, print_peer)
+    return bt.run_cli(build_parser().parse_args(argv), "alst", check_flags, find_max_seq, run_peer, print_peer)
 
 
 if __name__ == "__main__":

@@ -504,18 +504,11 @@ def peer_memory(run: PeerRun, *extra: float) -> torch.Tensor:
 
 def profile_peer(ns, run: PeerRun) -> list[dict] | None:
     """bench_train's profiled step, on one more of the peer's steps (every rank's split, on every rank)."""
-    import torch.distributed as dist
-
     if not (run.cuda if ns.profile_step is None else ns.profile_step):
         return None
     peer, n = run.peer, ns.warmup + ns.steps
     stepper = types.SimpleNamespace(train_step=lambda: peer.train_step(ns.seq_len, n))
-    prof = [bt.profile_step(stepper, run.cuda, peer.rank, ns.trace_dir)]
-    if peer.world > 1:
-        gathered = [None] * peer.world
-        dist.all_gather_object(gathered, prof[0])
-        prof = gathered
-    return prof
+    return bt.profile_all_ranks(stepper, run.cuda, peer.rank, peer.world, ns.trace_dir)
 
 
 def peer_record(ns, run: PeerRun, name: str, args: LlamaArgs, recs: list[dict], prof, mem: torch.Tensor) -> dict:
@@ -526,14 +519,7 @@ def peer_record(ns, run: PeerRun, name: str, args: LlamaArgs, recs: list[dict], 
 
     peer, cuda = run.peer, run.cuda
     full_depth = PRESETS[ns.preset].num_hidden_layers
-    mid = sorted(recs, key=lambda r: r["step_time_s"])[len(recs) // 2]  # the step of median time
-    split = {"step_s": mid["step_time_s"]}
-    if prof is None:
-        why = ("CPU: no GPU timeline to split" if not cuda else "no step profiled") + " (--profile-step profiles one)"
-    else:
-        measured, why = bt.combine_splits(prof)
-        split.update(measured)
-    split["profiled"] = prof is not None
+    mid, split, why = bt.median_step_split(recs, prof, cuda)
     tflops = mid["tflops_per_device"]
     peak = ns.peak_tflops if cuda else None
     return {
@@ -566,6 +552,10 @@ def run_peer(ns) -> dict | None:
     """Every rank trains warmup + steps steps; rank 0 returns the record (the others None)."""
     import torch.distributed as dist
 
+    if ns.cp > 1:
+        from torch.distributed.tensor.experimental._attention import set_rotate_method
+
+        set_rotate_method(ns.rotate_method)
     args = model_shape(ns.preset, ns.layers)
     run = start_peer(ns, Peer, args)
     peer = run.peer
@@ -640,23 +630,7 @@ def forwarded_argv(ns, forwarded, switches: list[str], seq: int, out: Path) -> l
     """A peer's flags for one --find-max-seq attempt: the `forwarded` (flag, dest) pairs that are set, the
     peer's own `switches`, the profiled-step choice, then `seq` tokens and the record's file."""
     argv = [f for flag, dest in forwarded if getattr(ns, dest) is not None for f in (flag, str(getattr(ns, dest)))]
-    argv += switches
-    if ns.profile_step is not None:  # the attempts' traces are not kept: one directory would hold them all
-        argv.append("--profile-step" if ns.profile_step else "--no-profile-step")
-    return argv + ["--seq-len", str(seq), "--json", str(out)]
-
-
-def attempt_runner(script: str, argv_of):
-    """`make_runner` for bt.run_search: each attempt runs `script` with `argv_of(ns, seq, out)` in a fresh
-    process and reads its record from `out`."""
-    def make(ns, nproc: int, workdir: Path):
-        def run(seq: int) -> bt.Attempt:
-            out = workdir / f"seq_{seq}.json"
-            return bt.run_attempt(script, argv_of(ns, seq, out), nproc, seq, out, ns.attempt_timeout)
-
-        return run
-
-    return make
+    return argv + switches + bt.profile_step_argv(ns) + ["--seq-len", str(seq), "--json", str(out)]
 
 
 def attempt_argv(ns, seq: int, out: Path) -> list[str]:
@@ -666,7 +640,7 @@ def attempt_argv(ns, seq: int, out: Path) -> list[str]:
     return forwarded_argv(ns, FORWARDED, switches, seq, out)
 
 
-child_runner = attempt_runner(str(Path(__file__).resolve()), attempt_argv)
+child_runner = bt.attempt_runner(str(Path(__file__).resolve()), attempt_argv)
 
 
 def find_max_seq(ns) -> int:
@@ -715,21 +689,9 @@ def check_world(ns, world: int) -> None:
                             f"give a divisor of {world}")
 
 
-def check_common_flags(ns) -> None:
-    """The refusals every peer shares (steps, depth, --trace-dir); --trace-dir turns the profiled step on."""
-    if ns.steps < 1 or ns.warmup < 0 or (ns.layers is not None and ns.layers < 1):
-        raise bt.UsageError(f"need --steps >= 1 (got {ns.steps}), --warmup >= 0 (got {ns.warmup}) and --layers >= 1 "
-                            f"(got {ns.layers})")
-    if ns.trace_dir and (ns.profile_step is False or ns.find_max_seq):
-        raise bt.UsageError("--trace-dir keeps the trace of the profiled step: it needs a profiled step (not "
-                            "--no-profile-step) and a single run (not --find-max-seq)")
-    if ns.trace_dir:
-        ns.profile_step = True
-
-
 def check_flags(ns) -> None:
     """Refusals before any process group or GPU memory exists."""
-    check_common_flags(ns)
+    bt.check_run_flags(ns)
     if ns.loss_chunk < 1:
         raise bt.UsageError(f"--loss-chunk {ns.loss_chunk} must be >= 1 token")
     model_shape(ns.preset, ns.layers)
@@ -781,40 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def peer_main(ns, prog: str, check_flags, find_max_seq, run, show, prepare=lambda ns: None) -> int:
-    """A peer's command line once parsed: the longest-length search, or one run printed (and appended to
-    --json); a user error exits 2 with one line, an out-of-memory error with --find-max-seq's marker."""
-    try:
-        check_flags(ns)
-        if ns.find_max_seq:
-            return find_max_seq(ns)
-        prepare(ns)
-        rec = run(ns)
-        if rec is not None:
-            show(rec)
-            if ns.json:
-                bt.append_json(ns.json, [rec])
-                print(f"record appended to {ns.json}", flush=True)
-    except bt.UsageError as e:
-        if _rank() == 0:
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return bt.EXIT_USAGE
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        bt.exit_if_oom(e)
-        raise
-    return 0
-
-
-def _set_rotate_method(ns) -> None:
-    if ns.cp > 1:
-        from torch.distributed.tensor.experimental._attention import set_rotate_method
-
-        set_rotate_method(ns.rotate_method)
-
-
 def main(argv: list[str] | None = None) -> int:
-    return peer_main(build_parser().parse_args(argv), "torch_native", check_flags, find_max_seq, run_peer, print_peer,
-                     _set_rotate_method)
+    return bt.run_cli(build_parser().parse_args(argv), "torch_native", check_flags, find_max_seq, run_peer, print_peer)
 
 
 if __name__ == "__main__":

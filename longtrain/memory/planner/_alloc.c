@@ -76,7 +76,9 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 typedef struct {
     void *ptr;
     int64_t size, id, offset, expect_free; /* offset < 0: fallback block */
+    int64_t plan, k; /* where it was asked for: the window's plan id and its index there */
     int why; /* a fallback block: why the fallback served it (FB_*) */
+    int freed; /* a planned block the program freed while other streams still read it (deferred) */
     stream_t stream;
     int nrec;
     stream_t rec[MAX_STREAMS];
@@ -154,9 +156,7 @@ static plan_t plans[MAX_PLANS];
 static char *region;
 static int64_t region_bytes;
 
-/* plan, k: where it was planned; freed: by the program, still read by other streams (deferred) */
-typedef struct { int64_t offset, size, id, expect_free, plan, k, freed; } live_t;
-static live_t *live;
+static block_t **live; /* the planned blocks whose memory is in use (held, or freed with copies pending) */
 static int64_t nlive, live_cap, live_bytes;
 
 static struct { int active, plan, asked, off; int64_t seq, k; stream_t stream; } win;
@@ -274,23 +274,23 @@ static int64_t nrefusals;
 static int64_t lifetimes[REFUSAL_LOG][5];
 static int64_t nlifetimes;
 
-static int live_add(int64_t off, int64_t size, int64_t id, int64_t expect_free, int64_t plan, int64_t k) {
+static int live_add(block_t *b) {
     if (nlive == live_cap) {
         int64_t cap = live_cap ? live_cap * 2 : 256;
-        live_t *n = realloc(live, (size_t)cap * sizeof(live_t));
+        block_t **n = realloc(live, (size_t)cap * sizeof(block_t *));
         if (!n) return -1;
         live = n;
         live_cap = cap;
     }
-    live[nlive++] = (live_t){off, size, id, expect_free, plan, k, 0};
-    live_bytes += size;
+    live[nlive++] = b;
+    live_bytes += b->size;
     return 0;
 }
 
-static void live_remove(int64_t id) {
+static void live_remove(block_t *b) {
     for (int64_t i = 0; i < nlive; i++)
-        if (live[i].id == id) {
-            live_bytes -= live[i].size;
+        if (live[i] == b) {
+            live_bytes -= b->size;
             live[i] = live[--nlive];
             return;
         }
@@ -303,7 +303,7 @@ static void note_fallback(int why, int64_t delta) {
 
 static void release(block_t *b) {
     if (b->offset < 0) note_fallback(b->why, -b->size);
-    if (b->offset >= 0) live_remove(b->id);
+    if (b->offset >= 0) live_remove(b);
     else fb.free(b->ptr, (size_t)b->size, b->stream);
     free(b);
 }
@@ -353,15 +353,15 @@ static void process_deferred(int wait_all) {
 static int64_t claim_slot(int64_t off, int64_t size, stream_t stream) {
     int64_t nfreed = 0;
     for (int64_t i = 0; i < nlive; i++)
-        if (live[i].offset < off + size && off < live[i].offset + live[i].size) {
-            if (!live[i].freed) return i;
+        if (live[i]->offset < off + size && off < live[i]->offset + live[i]->size) {
+            if (!live[i]->freed) return i;
             nfreed++;
         }
     if (!nfreed) return -1;
     for (int64_t i = 0; i < nlive; i++) {
-        if (!(live[i].offset < off + size && off < live[i].offset + live[i].size)) continue;
+        if (!(live[i]->offset < off + size && off < live[i]->offset + live[i]->size)) continue;
         int64_t d;
-        for (d = 0; d < ndeferred && deferred[d].b->id != live[i].id; d++) {}
+        for (d = 0; d < ndeferred && deferred[d].b != live[i]; d++) {}
         if (d == ndeferred) continue; /* released meanwhile: nothing to wait for */
         for (int e = 0; e < deferred[d].nev; e++) {
             void *ev = deferred[d].ev[e];
@@ -474,7 +474,7 @@ int lt_set_plan(int id, int64_t n, const int64_t *size, const int64_t *offset, c
 static void close_window(void) {
     if (win.active && check_mode && win.plan >= 0)
         for (int64_t i = 0; i < nlive; i++)  /* blocks the plan says this window frees, still held */
-            if (live[i].expect_free == win.plan && !live[i].freed) st[S_CHECK_LEAKED]++;
+            if (live[i]->expect_free == win.plan && !live[i]->freed) st[S_CHECK_LEAKED]++;
     win.active = 0;
 }
 
@@ -525,7 +525,8 @@ static void *alloc_locked(size_t size, stream_t stream) {
                     if (nrefusals < REFUSAL_LOG) {
                         int64_t *r = refusals[nrefusals++];
                         r[0] = win.plan; r[1] = k; r[2] = (int64_t)size;
-                        r[3] = live[in_the_way].plan; r[4] = live[in_the_way].k; r[5] = live[in_the_way].freed;
+                        block_t *w = live[in_the_way];
+                        r[3] = w->plan; r[4] = w->k; r[5] = w->freed;
                     }
                 } else {
                     offset = p->offset[k];
@@ -539,8 +540,6 @@ static void *alloc_locked(size_t size, stream_t stream) {
     void *ptr;
     if (offset >= 0) {
         ptr = region + offset;
-        if (live_add(offset, (int64_t)size, next_id, expect, win.plan, k)) { free(b); return NULL; }
-        st[S_SERVED]++;
     } else {
         ptr = fb.alloc ? fb.alloc(size, stream) : NULL; /* no backend yet: nothing to serve from */
         if (!ptr && fb.alloc) {
@@ -556,13 +555,17 @@ static void *alloc_locked(size_t size, stream_t stream) {
     b->ptr = ptr; b->size = (int64_t)size; b->id = next_id++; b->offset = offset;
     b->stream = stream;
     b->expect_free = expect;
+    b->plan = win.active ? win.plan : -1;
+    b->k = k;
     b->why = why;
+    if (offset >= 0 && live_add(b)) { free(b); return NULL; }
     if (table_put(b)) { /* cannot track it: give it back rather than lose it */
-        if (offset >= 0) live_remove(b->id);
+        if (offset >= 0) live_remove(b);
         else fb.free(ptr, size, stream);
         free(b);
         return NULL;
     }
+    if (offset >= 0) st[S_SERVED]++;
     note_allocated((int64_t)size);
     if (offset < 0) note_fallback(why, (int64_t)size);
     log_event(0, window, k, (int64_t)size, win.active && stream == win.stream, b->id);
@@ -591,13 +594,10 @@ void lt_free(void *ptr, size_t size, int device, stream_t stream) {
     log_event(1, win.active ? win.seq : -1, -1, b->size, other_streams, b->id);
     if (check_mode && b->offset >= 0 && (!win.active || win.asked != b->expect_free)) {
         st[S_CHECK_LIFETIME]++;
-        for (int64_t i = 0; i < nlive && nlifetimes < REFUSAL_LOG; i++)
-            if (live[i].id == b->id) {
-                int64_t *r = lifetimes[nlifetimes++];
-                r[0] = live[i].plan; r[1] = live[i].k; r[2] = b->size; r[3] = b->expect_free;
-                r[4] = win.active ? win.asked : -1;
-                break;
-            }
+        if (nlifetimes < REFUSAL_LOG) {
+            int64_t *r = lifetimes[nlifetimes++];
+            r[0] = b->plan; r[1] = b->k; r[2] = b->size; r[3] = b->expect_free; r[4] = win.active ? win.asked : -1;
+        }
     }
     if (other_streams) {
         if (ndeferred == deferred_cap) {
@@ -612,9 +612,7 @@ void lt_free(void *ptr, size_t size, int device, stream_t stream) {
             deferred_cap = cap;
         }
         deferred_t d = {b, 0, {0}};
-        if (b->offset >= 0)
-            for (int64_t i = 0; i < nlive; i++)
-                if (live[i].id == b->id) live[i].freed = 1;
+        b->freed = 1;
         if (b->rec_overflow) {
             if (backend == BACKEND_CUDA) c_device_sync();
         } else {

@@ -41,6 +41,7 @@ import logging
 import os
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -152,20 +153,20 @@ class Core:
         flat = [data[i] for i in range(6 * n)] if n else []
         return [tuple(flat[6 * i:6 * i + 6]) for i in range(n)]
 
+    def _log(self, read, width: int, limit: int) -> list[tuple[int, ...]]:
+        buf = (ctypes.c_int64 * (width * limit))()
+        n = read(buf, limit)
+        return [tuple(buf[width * i:width * i + width]) for i in range(n)]
+
     def refusals(self, limit: int = 4096) -> list[tuple[int, int, int, int, int, int]]:
         """Logged refusals (the first 4096): (plan, k, size, plan and k of the live block in the way, 1 when
         the program had freed that block and it waited only on another stream's events)."""
-        w = 6
-        buf = (ctypes.c_int64 * (w * limit))()
-        n = self.lib.lt_refusals(buf, limit)
-        return [tuple(buf[w * i:w * i + w]) for i in range(n)]
+        return self._log(self.lib.lt_refusals, 6, limit)
 
     def lifetimes(self, limit: int = 4096) -> list[tuple[int, int, int, int, int]]:
         """Check mode's logged lifetime breaks (the first 4096): (plan, k, size, the window the plan frees
         it in, the window that did: -1 outside any)."""
-        buf = (ctypes.c_int64 * (5 * limit))()
-        n = self.lib.lt_lifetimes(buf, limit)
-        return [tuple(buf[5 * i:5 * i + 5]) for i in range(n)]
+        return self._log(self.lib.lt_lifetimes, 5, limit)
 
     def stats(self) -> dict[str, int]:
         buf = (ctypes.c_int64 * len(STAT_NAMES))()
@@ -229,7 +230,7 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
     n = len(seqs)
     sizes: list[list[int]] = [[] for _ in range(n)]
     span = [[-1, -1] for _ in range(n)]
-    blocks: dict[int, list] = {}  # id -> [pos, k, size, on stream, t alloc, pos free, t free, other stream]
+    blocks: dict[int, list] = {}  # id -> [pos, k, size, on stream, t alloc, pos free, t free]
     t = 0
     for typ, win, k, size, flag, bid in events:
         p = pos_of.get(win)
@@ -242,14 +243,14 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
             if k != len(sizes[p]):
                 raise ValueError(f"window {p} ({layout[p]}): request {k} recorded as number {len(sizes[p])}")
             sizes[p].append(size)
-            blocks[bid] = [p, k, size, bool(flag), t, -1, -1, False]
-        elif bid in blocks:
-            blocks[bid][5:8] = [p, t, bool(flag)]
+            blocks[bid] = [p, k, size, bool(flag), t, -1, -1]
+        elif bid in blocks:  # a free: where and when (another stream reading it does not matter here)
+            blocks[bid][5:7] = [p, t]
         t += 1
     transients: dict[int, list] = {}
     crossing = []
     left: dict[str, list] = {}  # cause -> [requests, bytes, (t, +-size) edges]
-    for p, k, size, on_stream, t0, fp, t1, _other in blocks.values():
+    for p, k, size, on_stream, t0, fp, t1 in blocks.values():
         cause = "side_stream" if not on_stream else "outlives_iteration" if fp < 0 else None
         if cause:
             c = left.setdefault(cause, [0, 0, []])
@@ -455,40 +456,33 @@ class PlanRuntime:
         (both as window, request index and size): the tensors that outlived their recorded lifetime."""
         if self.plan is None:
             return []
-        counts: dict[tuple, int] = {}
-        for r in self.core.refusals():
-            counts[r] = counts.get(r, 0) + 1
 
         def where(p, k):
             if not 0 <= p < len(self.plan.layout):
                 return {"window": None, "k": k}
-            kind, layer = self.plan.layout[p]
             size = self.plan.sizes[p][k] if 0 <= k < len(self.plan.sizes[p]) else None
-            return {"window": p, "pass": f"{kind}{'' if layer < 0 else layer}", "k": k, "size": size}
+            return {"window": p, "pass": self._pass(p), "k": k, "size": size}
 
-        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
         return [{"count": c, "refused": where(p, k),
                  "in_the_way": {**where(bp, bk), "freed_waiting_on_stream": bool(fr)}}
-                for (p, k, _, bp, bk, fr), c in ranked]
+                for (p, k, _, bp, bk, fr), c in Counter(self.core.refusals()).most_common(top)]
 
     def lifetime_report(self, top: int = 10) -> list[dict]:
         """Check mode: the planned requests most often freed in another window than the plan's (the
         tensors whose lifetime at replay differs from the recorded one), with both windows."""
         if self.plan is None:
             return []
-        counts: dict[tuple, int] = {}
-        for r in self.core.lifetimes():
-            counts[r] = counts.get(r, 0) + 1
 
         def name(p):
-            if not 0 <= p < len(self.plan.layout):
-                return None
-            kind, layer = self.plan.layout[p]
-            return f"{p}:{kind}{'' if layer < 0 else layer}"
+            return f"{p}:{self._pass(p)}" if 0 <= p < len(self.plan.layout) else None
 
-        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
         return [{"count": c, "request": {"window": name(p), "k": k, "size": size}, "planned_free": name(pf),
-                 "freed_in": name(af)} for (p, k, size, pf, af), c in ranked]
+                 "freed_in": name(af)} for (p, k, size, pf, af), c in Counter(self.core.lifetimes()).most_common(top)]
+
+    def _pass(self, p: int) -> str:
+        """Window p of the plan as a name: fwd3, bwd0, gap."""
+        kind, layer = self.plan.layout[p]
+        return f"{kind}{'' if layer < 0 else layer}"
 
     def warn_misses(self) -> None:
         s = self.core.stats()
