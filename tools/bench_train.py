@@ -1,7 +1,7 @@
 """Throughput, MFU and memory of a recipe: K timed optimizer steps of the real trainer.
 
     python tools/bench_train.py RECIPE [key=value ...] [--steps 10] [--warmup 3] [--layers N] [--json PATH]
-                                [--profile-step | --no-profile-step] [--trace-dir DIR]
+                                [--profile-step | --no-profile-step] [--trace-dir DIR] [--memory-snapshot PATH]
     torchrun --nproc-per-node 8 tools/bench_train.py RECIPE [...]     # several ranks: rank 0 prints and writes
     python tools/bench_train.py RECIPE [...] --find-max-seq --seq-start 32768 --seq-step 8192 [--nproc 8]
 
@@ -257,12 +257,37 @@ def median_step_split(recs: list[dict], prof: list[dict] | None, cuda: bool,
     return mid, split, why
 
 
+def record_snapshot_step(trainer, path: str, rank: int) -> str:
+    """One training step with the CUDA allocator's history recorded (actions only, no stack frames: the
+    pickle stays small), its `torch.cuda.memory._snapshot()` pickled to `path` (`.rankR` added for R > 0)."""
+    import pickle
+
+    import torch
+
+    out = Path(path if rank == 0 else f"{path}.rank{rank}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
+    try:
+        trainer.train_step()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(snap, f)
+    tmp.replace(out)
+    return str(out)
+
+
 def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers: int | None,
               matmul_n: int, profiled: bool | None = None, trace_dir: str | None = None,
-              gpu_budget_gib: float = 0.0) -> dict | None:
+              gpu_budget_gib: float = 0.0, memory_snapshot: str | None = None) -> dict | None:
     """Every rank trains warmup + steps steps, and one more under the profiler when `profiled` (None:
     on CUDA only); rank 0 returns the record (the others None). `gpu_budget_gib` > 0: one ballast
-    allocation first takes all but that much of each GPU's free memory (the peaks reported leave it out)."""
+    allocation first takes all but that much of each GPU's free memory (the peaks reported leave it out).
+    `memory_snapshot`: one more step after the timed ones with torch's allocator history recorded, its
+    snapshot pickled there (rank R > 0 adds `.rankR`): `tools/plan_memory.py --snapshot` draws it."""
     import torch
     import torch.distributed as dist
 
@@ -280,6 +305,11 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         raise UsageError(f"--layers {layers} is more than the model's {full_depth} layers: give at most "
                          f"{full_depth} (the flag truncates, it does not deepen)")
     preflight(cfg)
+    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if memory_snapshot and (not on_cuda or cfg.memory.planner.enabled):
+        raise UsageError("--memory-snapshot records torch's CUDA caching allocator: "
+                         + ("this run is not on CUDA" if not on_cuda else
+                            "memory.planner.enabled=true replaces it (snapshot a run without the planner)"))
     if "WORLD_SIZE" not in os.environ and cfg.launch.nproc > 1:
         _say(f"note: launch.nproc={cfg.launch.nproc} is not used: bench_train.py runs the ranks it is started "
              f"with (torchrun --nproc-per-node {cfg.launch.nproc} tools/bench_train.py ...)")
@@ -340,6 +370,9 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     mem = torch.tensor([peaks[0], peaks[1],
                         streams.stats.host_bytes_pinned / 2**30 if streams is not None else 0.0,
                         host_peak_rss_gib()], dtype=torch.float64, device=mesh.device)
+    snapshot_file = None
+    if memory_snapshot:  # beyond train.steps, like the profiled step; not timed: recording slows the host
+        snapshot_file = record_snapshot_step(trainer, memory_snapshot, mesh.rank)
     prof = None
     if profiled:  # beyond train.steps: the LR schedule stays at its end (lr_lambda clamps), as for any step
         if time_copies:
@@ -381,7 +414,8 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         "not_measured_why": why,
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "git_sha": git_sha(), "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "cuda_allocator": allocator, "planner": planner, "gpu_budget_gib": gpu_budget_gib or None,
+        "cuda_allocator": allocator, "planner": planner, "memory_snapshot": snapshot_file,
+        "gpu_budget_gib": gpu_budget_gib or None,
     }
 
 
@@ -674,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None,
                    help="train only N decoder layers of the same width (depth-truncated; default: all)")
     p.add_argument("--json", default=None, help="append the record(s) to this JSON list (default: none)")
+    p.add_argument("--memory-snapshot", default=None, metavar="PATH",
+                   help="after the timed steps, one more step with the CUDA caching allocator's history recorded, "
+                        "its snapshot pickled to PATH for tools/plan_memory.py --snapshot (default: none)")
     p.add_argument("--gpu-budget-gib", type=float, default=0.0,
                    help="leave the run only this much GPU memory (a ballast allocation takes the rest of what is "
                         "free first): finds the longest sequence for a smaller memory, in shorter attempts "
@@ -720,6 +757,8 @@ def check_run_flags(ns) -> None:
 def check_flags(ns) -> None:
     if ns.gpu_budget_gib < 0:
         raise UsageError(f"--gpu-budget-gib {ns.gpu_budget_gib} must be >= 0 (GiB; 0: all of the GPU)")
+    if ns.memory_snapshot and ns.find_max_seq:
+        raise UsageError("--memory-snapshot records one run's step: not with --find-max-seq")
     check_run_flags(ns)
     if ns.json:  # refused now rather than after the runs
         read_json_list(ns.json)
@@ -756,7 +795,7 @@ def run_cli(ns, prog: str, check, find_max_seq, run, show) -> int:
 def main(argv: list[str] | None = None) -> int:
     def run(ns):
         return run_bench(ns.recipe, ns.overrides, ns.steps, ns.warmup, ns.layers, ns.matmul_n, ns.profile_step,
-                         ns.trace_dir, ns.gpu_budget_gib)
+                         ns.trace_dir, ns.gpu_budget_gib, ns.memory_snapshot)
 
     return run_cli(build_parser().parse_intermixed_args(argv), "bench_train", check_flags, find_max_seq, run,
                    print_record)

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Issue 6 on one H200 (kind nvidia-h200): the planned allocator against torch's caching allocator and
 # expandable segments, in the same training steps. JSON and logs under $OUT.
-#   . .whl/env.sh && bash tools/gpu_planner.sh check | side [variants] | fits BUDGET V:SEQ... | maxlen [budget] [start] [step]
+#   . .whl/env.sh && bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen [budget] [start] [step]
+# The device tool brings back at most 8 files: run a part with OUT set to a scratch folder and pack it, e.g.
+#   R=$OUT; OUT=/tmp/res timeout 560 bash tools/gpu_planner.sh side; tar czf $R/res.tgz -C /tmp/res .
 # Parts:
 #   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
 #           allocators side by side (4 warm-up steps: the second is recorded and the third plans, or with
 #           planned-late the third and the fourth; 3 timed steps replay). Variants: caching expandable
 #           planned planned-late planned-check (check mode: the record lists lifetime breaks) planned-caching
-#           (torch's caching allocator behind the plan: memory.planner.fallback=caching), default the
-#           first three. A planned variant's saved plans (JSON) and their pictures land in $OUT too
+#           (torch's caching allocator behind the plan: memory.planner.fallback=caching, the default) and
+#           planned-pool (memory.planner.fallback=pool); default the first three. A planned variant's saved
+#           plans (JSON) and their pictures land in $OUT too, level 2 beside the caching run's snapshot of one
+#           step (bench_train --memory-snapshot) when caching ran first
 #   fits    within a GPU budget (GiB; a ballast takes the rest), one attempt per allocator:length pair
 #   maxlen  the longest sequence each allocator trains (fresh process per attempt) within a GPU budget
 set -uo pipefail
@@ -22,28 +26,32 @@ variant() {  # name -> overrides
     caching) echo "memory.allocator=default" ;;
     expandable) echo "memory.allocator=expandable" ;;
     planned) echo "memory.planner.enabled=true memory.planner.time_limit_s=20" ;;
+    planned-pool) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=pool" ;;
     planned-late) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=2" ;;
     planned-check) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.check=true" ;;
     planned-caching) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=caching" ;;
   esac
 }
 case "${1:-}" in
-  check)  # both fallbacks; fails if either does
+  check)  # both fallbacks (or those named); fails if any does
     rc=0
-    for fb in pool caching; do
+    for fb in ${2:-pool caching}; do
       python3 tools/planner_gpu_check.py --out /tmp/planner_check_$fb --fallback $fb \
         --json "$OUT/planner_check_$fb.json" > "$OUT/planner_check_$fb.raw" 2>&1 || rc=1
       filter < "$OUT/planner_check_$fb.raw" | tee "$OUT/planner_check_$fb.log" | tail -12
     done
     exit $rc ;;
   side)
+    SNAP="$OUT/snapshot_caching.pickle"  # the caching allocator's step, drawn beside the plans (name it first)
     for v in ${2:-caching expandable planned}; do
+      extra=""; [ "$v" = caching ] && extra="--memory-snapshot $SNAP"
       timeout 300 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) train.output_dir="$OUT/run_$v" \
-        --layers 4 --steps 3 --warmup 4 --no-profile-step --json "$OUT/planner_side.json" 2>&1 | filter \
+        --layers 4 --steps 3 --warmup 4 --no-profile-step $extra --json "$OUT/planner_side.json" 2>&1 | filter \
         | tee "$OUT/side_$v.log" | tail -14
       for lv in level2 level1_largest; do  # the plans the runtime saved, drawn (time x, address y)
         P="$OUT/run_$v/memory_plan_runtime_rank0_$lv.json"
-        if [ -f "$P" ]; then python3 tools/plan_memory.py --png "$OUT/plan_${v}_$lv.png" --plan "$P" | tail -2; fi
+        with=""; [ "$lv" = level2 ] && [ -f "$SNAP" ] && with="--snapshot $SNAP"
+        if [ -f "$P" ]; then python3 tools/plan_memory.py --png "$OUT/plan_${v}_$lv.png" --plan "$P" $with | tail -2; fi
       done
     done ;;
   fits)  # budget GiB, then allocator:seq pairs: one attempt each (a fresh process), fits or runs out of memory
@@ -52,17 +60,17 @@ case "${1:-}" in
       v=${vs%%:*}; S=${vs##*:}
       timeout 170 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 2 \
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$S" --seq-max "$S" \
-        --json "$OUT/planner_fits_${v}_$S.json" 2>&1 | filter | tee "$OUT/fits_${v}_$S.log" | tail -3
+        --json "$OUT/planner_fits_${B}gib_${v}_$S.json" 2>&1 | filter | tee "$OUT/fits_${B}gib_${v}_$S.log" | tail -3
     done ;;
   maxlen)
     B=${2:-40}; S=${3:-65536}; T=${4:-16384}
-    for v in caching expandable planned planned-caching; do
+    for v in caching expandable planned planned-pool; do
       timeout 190 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 2 \
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$T" \
         --seq-max $((S * 2)) --attempt-timeout 90 --json "$OUT/planner_maxlen_$v.json" 2>&1 | filter \
         | tee "$OUT/maxlen_$v.log" | tail -6
     done ;;
   *)
-    echo "usage: bash tools/gpu_planner.sh check | side [variants] | fits BUDGET V:SEQ... | maxlen [budget] [start] [step]" >&2
+    echo "usage: bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen [budget] [start] [step]" >&2
     exit 2 ;;
 esac

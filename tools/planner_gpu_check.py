@@ -1,6 +1,6 @@
 """The planned allocator on CUDA against the normal one: same losses and gradients, plans served.
 
-    python3 tools/planner_gpu_check.py --json $OUT/planner_check.json [--fallback pool|caching]
+    python3 tools/planner_gpu_check.py --json $OUT/planner_check.json [--fallback caching|pool]
 
 Runs itself twice in fresh processes (the allocator is chosen before CUDA starts): once with torch's
 caching allocator, once with the planned allocator (check mode). Each trains a debug-width Llama
@@ -24,7 +24,7 @@ import sys
 SEQ, OTHER_SEQ, STEPS = 2048, 1536, 7
 
 
-def worker(planned: bool, out: str, fallback: str = "pool") -> None:
+def worker(planned: bool, out: str, fallback: str = "caching") -> None:
     import torch
 
     if planned:
@@ -109,7 +109,7 @@ def main() -> int:
     ap.add_argument("--worker", choices=["normal", "planned"])
     ap.add_argument("--out", default="/tmp/planner_check")
     ap.add_argument("--json")
-    ap.add_argument("--fallback", choices=["pool", "caching"], default="pool",
+    ap.add_argument("--fallback", choices=["pool", "caching"], default="caching",
                     help="what serves the requests the plan does not (memory.planner.fallback)")
     a = ap.parse_args()
     if a.worker:

@@ -59,7 +59,7 @@ def configure_cuda_allocator(cfg) -> str:
     return set_cuda_allocator_mode(cfg.memory.allocator)
 
 
-def install_planned_allocator(fallback: str = "pool", mode: str | None = None) -> str | None:
+def install_planned_allocator(fallback: str = "caching", mode: str | None = None) -> str | None:
     """The planned allocator as this process's CUDA allocator; None (with a warning) when it cannot be.
     `fallback` serves what the plan does not (`memory.planner.fallback`); `mode`: the caching allocator's."""
     global _planned_error

@@ -19,3 +19,32 @@ def test_planned_allocator_trains_like_the_normal_one(tmp_path, fallback):
                         "--fallback", fallback], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "OK" in r.stdout
+
+
+def test_snapshot_step_is_drawn_beside_a_plan(tmp_path):
+    """bench_train's --memory-snapshot step: the pickle holds that step's allocator actions, which the
+    snapshot reader turns into requests and plan_memory.py draws beside their plan."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from load_tool import load_tool
+
+    from longtrain.memory.planner import solve_plan
+    from longtrain.memory.planner.snapshot import allocator_peaks, requests_from_snapshot
+
+    bt = load_tool("bench_train.py", "bench_train")
+    pm = load_tool("plan_memory.py", "plan_memory")
+
+    class Stepper:  # what record_snapshot_step needs of a trainer: one step that allocates and frees
+        def train_step(self):
+            a = torch.empty(3 << 20, dtype=torch.uint8, device="cuda")
+            b = torch.empty(5 << 20, dtype=torch.uint8, device="cuda")
+            del a
+            c = torch.empty(2 << 20, dtype=torch.uint8, device="cuda")
+            del b, c
+
+    path = bt.record_snapshot_step(Stepper(), str(tmp_path / "snap.pickle"), 0)
+    snap = pm._load_snapshot(path)
+    reqs = requests_from_snapshot(snap, torch.cuda.current_device())
+    assert {2 << 20, 3 << 20, 5 << 20} <= {r.size for r in reqs}
+    assert allocator_peaks(snap, torch.cuda.current_device())["allocated_peak_bytes"] >= 8 << 20
+    png = pm.draw(solve_plan(reqs, time_limit_s=5), tmp_path / "p.png", snapshot=snap)
+    assert Path(png).stat().st_size > 0

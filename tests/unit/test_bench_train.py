@@ -106,11 +106,24 @@ def test_json_records_are_appended(tmp_path):
     (["--no-profile-step", "--trace-dir", "t"], "--trace-dir keeps the trace of the profiled step"),
     (["--find-max-seq", "--trace-dir", "t"], "--trace-dir keeps the trace of the profiled step"),
     (["--gpu-budget-gib", "-1"], "--gpu-budget-gib -1.0 must be >= 0"),
+    (["--find-max-seq", "--memory-snapshot", "s.pickle"], "--memory-snapshot records one run's step"),
+    (["--memory-snapshot", "s.pickle"], "--memory-snapshot records torch's CUDA caching allocator: this run is not"),
 ])
 def test_bad_flags_are_refused_before_any_training(capsys, argv, message):
     assert bt.main(["debug", *argv]) == bt.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("bench_train: error:") and message in err
+
+
+def test_memory_snapshot_is_refused_with_the_planned_allocator(monkeypatch, capsys):
+    """The planned allocator replaces torch's caching allocator, whose history the snapshot records: refused
+    by name before any training (CUDA faked present; the refusal comes before CUDA is touched)."""
+    import longtrain.train.preflight as pf
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pf, "preflight", lambda cfg: None)
+    assert bt.main(["debug", "--memory-snapshot", "s.pickle", "memory.planner.enabled=true"]) == bt.EXIT_USAGE
+    assert "memory.planner.enabled=true replaces it" in capsys.readouterr().err
 
 
 def test_search_attempts_carry_the_gpu_budget(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ How it works (docs/memory-planner.md, "The runtime"):
    allocator to the core's malloc/free *and* its `record_stream` hook (the Python API binds only malloc
    and free), turns a failed allocation into torch's OutOfMemoryError, and answers
    `torch.cuda.memory_stats()` and `empty_cache()` (so `max_memory_allocated`, `max_memory_reserved` and
-   their reset, which the pluggable allocator refuses, report the core's bytes: region plus fallback pool).
+   their reset, which the pluggable allocator refuses, report the core's bytes: region plus fallback).
 2. `attach_windows` hooks every decoder layer (outermost, after the activation policy) so that its
    forward and its backward are *windows* of the core: begin/end around the forward; the backward window
    opens when the layer's output gradient arrives and closes when its input gradient is made; what runs
@@ -394,11 +394,11 @@ class PlanRuntime:
                         "serves everything")
             return
         before = self.core.stats()
-        self.core.lib.lt_empty_cache()  # the fallback pool's cached memory back first: the region needs it
+        self.core.lib.lt_empty_cache()  # the fallback's cached memory back first: the region needs it
         trimmed = self.core.stats()
         self.at_plan = {"allocated": before["allocated"], "reserved": before["reserved"],
                         "reserved_peak": before["reserved_peak"], "reserved_after_trim": trimmed["reserved"]}
-        log.info("memory plan: before the region, %.2f GiB allocated, %.2f GiB reserved by the fallback pool "
+        log.info("memory plan: before the region, %.2f GiB allocated, %.2f GiB reserved by the fallback "
                  "(%.2f GiB after giving back what it caches; peak so far %.2f GiB)", before["allocated"] / 2**30,
                  before["reserved"] / 2**30, trimmed["reserved"] / 2**30, before["reserved_peak"] / 2**30)
         r = self.core.lib.lt_region_alloc(plan.region_bytes)
@@ -433,7 +433,7 @@ class PlanRuntime:
             log.warning("memory plan: could not save the plan to %s (%s); training goes on", out, e)
 
     def _off(self) -> None:
-        """No plan will serve: the fallback pool keeps what it frees from now on (a caching allocator)."""
+        """No plan will serve: the fallback keeps what it frees from now on (the pool, like a caching allocator)."""
         self.state = "off"
         self.core.lib.lt_pool_keep(1)
 
@@ -684,7 +684,7 @@ def _cudart_path() -> str:
 FALLBACKS = ("pool", "caching")
 
 
-def install_cuda_allocator(device_index: int = 0, fallback: str = "pool") -> Core:
+def install_cuda_allocator(device_index: int = 0, fallback: str = "caching") -> Core:
     """Make the planned allocator this process's CUDA allocator (before CUDA allocates anything).
 
     `fallback`: what serves the requests the plan does not: "pool", CUDA's stream-ordered allocator
