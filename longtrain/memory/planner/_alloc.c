@@ -718,7 +718,7 @@ void lt_host_complete_events(void) { pthread_mutex_lock(&mu); host_done = host_t
 /* Frees whose events completed go back now; with wait, after a device synchronisation. */
 void lt_flush(int wait) { pthread_mutex_lock(&mu); process_deferred(wait); pthread_mutex_unlock(&mu); }
 
-/* torch.cuda.empty_cache(): deferred frees after a device synchronisation, then the fallback pool's
+/* torch.cuda.empty_cache(): deferred frees after a device synchronisation, then the fallback's
  * unused memory back to the device (the plan's region stays: it is in use by design). */
 void lt_empty_cache(void) {
     pthread_mutex_lock(&mu);
