@@ -21,6 +21,8 @@ import os
 import subprocess
 import sys
 
+from longtrain.config.schema import PLANNER_FALLBACKS
+
 SEQ, OTHER_SEQ, STEPS = 2048, 1536, 7
 
 
@@ -109,7 +111,7 @@ def main() -> int:
     ap.add_argument("--worker", choices=["normal", "planned"])
     ap.add_argument("--out", default="/tmp/planner_check")
     ap.add_argument("--json")
-    ap.add_argument("--fallback", choices=["pool", "caching"], default="caching",
+    ap.add_argument("--fallback", choices=PLANNER_FALLBACKS, default=PLANNER_FALLBACKS[0],
                     help="what serves the requests the plan does not (memory.planner.fallback)")
     a = ap.parse_args()
     if a.worker:

@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from longtrain.config.schema import Config, DataConfig
+from longtrain.config.schema import PLANNER_FALLBACKS, Config, DataConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # longtrain/recipes: the repo's recipes/, shipped in the wheel
 
@@ -200,7 +200,7 @@ def validate(cfg: Config) -> None:
                           f">= 0, got {act.keep_last_layers}, {act.host_budget_gib}, {act.pcie_gbps}, "
                           f"{act.layer_fwd_ms}")
     _choice("memory.allocator", cfg.memory.allocator, ["expandable", "default"])
-    _choice("memory.planner.fallback", cfg.memory.planner.fallback, ["pool", "caching"])
+    _choice("memory.planner.fallback", cfg.memory.planner.fallback, list(PLANNER_FALLBACKS))
     _positive("memory.activation.chunk_tokens", act.chunk_tokens, allow_zero=True)
     _positive("memory.activation.mlp_chunk_tokens", act.mlp_chunk_tokens, allow_zero=True)
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)

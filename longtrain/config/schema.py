@@ -107,6 +107,9 @@ class ActivationConfig:
     layer_fwd_ms: float = 0.0  # one layer's forward time for the cost model (ms); 0 = measure at start
 
 
+PLANNER_FALLBACKS = ("caching", "pool")  # memory.planner.fallback's choices
+
+
 @dataclass
 class PlannerConfig:
     enabled: bool = False  # serve each layer's temporaries from one region at MIP-planned offsets (CUDA: replaces the process's CUDA allocator; elsewhere a warning); `longtrain plan-memory` prints the plan

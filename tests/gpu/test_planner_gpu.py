@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from load_tool import load_tool
+
+from longtrain.config.schema import PLANNER_FALLBACKS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("fallback", ["pool", "caching"])
+@pytest.mark.parametrize("fallback", PLANNER_FALLBACKS)
 def test_planned_allocator_trains_like_the_normal_one(tmp_path, fallback):
     r = subprocess.run([sys.executable, str(ROOT / "tools/planner_gpu_check.py"), "--out", str(tmp_path / "run"),
                         "--fallback", fallback], capture_output=True, text=True, timeout=900)
@@ -24,9 +27,6 @@ def test_planned_allocator_trains_like_the_normal_one(tmp_path, fallback):
 def test_snapshot_step_is_drawn_beside_a_plan(tmp_path):
     """bench_train's --memory-snapshot step: the pickle holds that step's allocator actions, which the
     snapshot reader turns into requests and plan_memory.py draws beside their plan."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from load_tool import load_tool
-
     from longtrain.memory.planner import solve_plan
     from longtrain.memory.planner.snapshot import allocator_peaks, requests_from_snapshot
 

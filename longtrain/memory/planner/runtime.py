@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from longtrain.config.schema import PLANNER_FALLBACKS
 from longtrain.memory.planner.core import MemoryPlan, Request, solve_plan
 
 log = logging.getLogger(__name__)
@@ -682,7 +683,7 @@ def _cudart_path() -> str:
     raise RuntimeError("the CUDA runtime library (libcudart) is not loaded by this torch")
 
 
-FALLBACKS = ("pool", "caching")
+FALLBACKS = PLANNER_FALLBACKS
 
 
 def install_cuda_allocator(device_index: int = 0, fallback: str = "caching") -> Core:
