@@ -9,7 +9,8 @@
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
 #           allocators side by side (4 warm-up steps: the second is recorded and the third plans, or with
 #           planned-late the third and the fourth; 3 timed steps replay). Variants: caching expandable
-#           planned planned-late planned-check (check mode: the record lists lifetime breaks) planned-caching
+#           planned planned-late planned-check (check mode: the record lists lifetime breaks) planned-noside
+#           (side streams' requests left to the fallback: memory.planner.side_streams=false) planned-caching
 #           (torch's caching allocator behind the plan: memory.planner.fallback=caching, the default) and
 #           planned-pool (memory.planner.fallback=pool); default the first three. A planned variant's saved
 #           plans (JSON) and their pictures land in $OUT too, level 2 beside the caching run's snapshot of one
@@ -27,6 +28,7 @@ variant() {  # name -> overrides
     caching) echo "memory.allocator=default" ;;
     expandable) echo "memory.allocator=expandable" ;;
     planned) echo "memory.planner.enabled=true memory.planner.time_limit_s=20" ;;
+    planned-noside) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.side_streams=false" ;;
     planned-pool) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=pool" ;;
     planned-late) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=2" ;;
     planned-check) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.check=true" ;;

@@ -9,7 +9,8 @@ recomputation: layer 0 recomputes, layers 1-2 swap (alpha 0.5, chunked recompute
 Steps 0-1 warm up and record; steps 2-4 replay; step 5 runs at another sequence length (the plan
 misses and falls back); step 6 is back at the first length (the plan serves again). The planned run
 must give the losses and gradients of the normal run (1e-6 relative), serve requests from the plan,
-refuse none, and count misses only in step 5. `--fallback` picks what serves the requests the plan does
+refuse none, count misses only in step 5, and leave none of the swap's side-stream requests (its
+prefetch buffers) to the fallback (`memory.planner.side_streams`). `--fallback` picks what serves the requests the plan does
 not (`memory.planner.fallback`): CUDA's cudaMallocAsync pool or torch's caching allocator.
 """
 
@@ -68,13 +69,15 @@ def worker(planned: bool, out: str, fallback: str = "caching") -> None:
             entry["plan"] = {k: after[k] - before.get(k, 0) for k in ("served", "fallback", "miss_size",
                                                                      "miss_length", "miss_stream", "after_miss",
                                                                      "refused_overlap", "check_lifetime",
-                                                                     "check_leaked", "reuse_waits")}
+                                                                     "check_leaked", "reuse_waits",
+                                                                     "cross_stream_waits")}
             entry["state"] = rt.state
         rec["steps"].append(entry)
         torch.save(grads, f"{out}.step{step}.pt")
     if rt:
         rec["summary"] = rt.summary()
         rec["stats"] = core.stats()
+        rec["unplanned"] = rt.plan.unplanned if rt.plan else None
     with open(out, "w") as f:
         json.dump(rec, f)
 
@@ -101,6 +104,8 @@ def compare(ref_path: str, got_path: str) -> dict:
             problems.append("step 5 (another length): no size miss counted")
         if p["refused_overlap"] or p["check_lifetime"] or p["check_leaked"]:
             problems.append(f"step {step}: the plan's lifetimes were not kept: {p}")
+    if got.get("unplanned") and "side_stream" in got["unplanned"]:  # memory.planner.side_streams' default
+        problems.append(f"side-stream requests were left to the fallback: {got['unplanned']}")
     if worst > 1e-6:
         problems.append(f"gradients differ: worst relative error {worst:.3g}")
     return {"worst_grad_rel_err": worst, "problems": problems, "planned": got}

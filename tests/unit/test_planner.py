@@ -81,6 +81,24 @@ def test_random_traces_are_valid_plans(seed):
     assert plan.peak_bytes <= plan.greedy_peak_bytes
 
 
+def test_mip_is_skipped_when_the_greedy_plan_is_within_mip_gap(monkeypatch):
+    """The greedy plan above (8 for a bound of 7, 14% over) is kept without calling CBC when mip_gap allows
+    it: the runtime plans inside a training step and must not spend its time limit on a tiny gain."""
+    from longtrain.memory.planner import core
+
+    def no_mip(*args, **kwargs):
+        raise AssertionError("CBC called")
+
+    reqs = [Request(2, 2, 5), Request(3, 2, 4), Request(4, 4, 7), Request(2, 2, 4)]
+    monkeypatch.setattr(core, "_solve_mip", no_mip)
+    plan = solve_plan(reqs, time_limit_s=20, search_iters=0, mip_gap=0.15)
+    assert plan.peak_bytes == 8 and "within mip_gap=0.15" in plan.solver
+    plan = solve_plan(reqs, time_limit_s=20, search_iters=0, mip_gap=0.14)  # 8 > 7 x 1.14: CBC is asked
+    assert "mip failed: AssertionError: CBC called" in plan.solver
+    with pytest.raises(ValueError, match="mip_gap=1"):
+        solve_plan(reqs, mip_gap=1)
+
+
 def test_mip_improves_greedy_on_random_traces():
     # Seeds where greedy misses the bound and CBC proves the optimum quickly (measured: 0.8-1.0 s each).
     for seed in (8, 13, 20):

@@ -210,6 +210,138 @@ def test_stream_ordered_reuse_guards_every_stream_and_every_byte(core):
     assert _waits(core)[0] == waits and core.stats()["deferred"] == 1  # no wait queued, `c` still listed
 
 
+def test_side_stream_request_takes_a_main_stream_slot_after_its_stream_waits(core):
+    """The plan gives a freed main-stream tensor's bytes to a side-stream request (ZeRO-3's gather): the
+    free leaves a ghost (an event on S1), the side stream waits for it; a same-stream request does not."""
+    base = _region(core, 2048)
+    core.set_plan(0, [1024, 1024, 512], [0, 0, 0], streams=[-1, S2, -1], ghosts=[True, True, False])
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)
+    core.free(a, S1)  # its stream S1 may still run kernels on it
+    assert core.stats()["ghosts"] == 1 and _waits(core)[0] == 0
+    b = core.malloc(1024, S2)  # planned on S2 at a's bytes: S2 waits for S1's event (ticket 1)
+    assert b == base and _waits(core) == (1, (S2, 1)) and core.stats()["cross_stream_waits"] == 1
+    core.free(b, S2)  # b leaves a ghost on S2: the next S1 request over it waits for S2 (ticket 2)
+    c = core.malloc(512, S1)
+    assert c == base and _waits(core) == (2, (S1, 2))  # not for S1's own ghost: stream order covers it
+    core.free(c, S1)  # no ghost: the plan says no other stream takes these bytes after it
+    assert core.stats()["ghosts"] == 2
+    core.lib.lt_host_complete_events()
+    core.window_begin(0, S1)  # completed ghosts go at the next window
+    assert core.stats()["ghosts"] == 0
+    core.malloc(1024, S1)
+    core.malloc(1024, S3)  # the plan's stream for request 1 is S2: a miss, the fallback serves it
+    s = core.stats()
+    assert s["miss_stream"] == 1 and s["served"] == 4 and _waits(core)[0] == 2
+
+
+def test_a_held_slot_is_refused_before_any_cross_stream_wait_is_queued(core):
+    base = _region(core, 2048)
+    core.set_plan(0, [1024, 1024, 2048], [0, 1024, 0], streams=[-1, -1, S2], ghosts=[True, False, True])
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)
+    b = core.malloc(1024, S1)
+    core.free(a, S1)  # a's ghost; b is still held
+    d = core.malloc(2048, S2)
+    assert not base <= d < base + 2048 and core.stats()["refused_overlap"] == 1 and _waits(core)[0] == 0
+    assert b
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_two_stream_replay_waits_for_exactly_the_other_streams_ghosts(core, seed):
+    """Record a random window whose requests come on S1 and S2, plan it, replay it: no two live blocks
+    overlap, and every planned request queues a wait for each pending ghost of the other stream in its
+    bytes, and no other wait. A gap window (level 2 plans all its requests together, so the streams share
+    bytes) or a layer pass (its transients are one level-2 block, the side stream's requests sit beside it)."""
+    window = ("gap", -1) if seed % 2 == 0 else ("fwd", 0)
+    rng = random.Random(seed)
+    ops, _ = _random_window(rng, 30)
+    stream = {k: rng.choice([S1, S1, S2]) for op, k, _ in ops if op == "a"}
+    core.lib.lt_set_record(1)
+    seq = core.window_begin(-1, S1)
+
+    def run():
+        ptr = {}
+        for op, k, size in ops:
+            if op == "a":
+                ptr[k] = (core.malloc(size, stream[k]), size)
+            else:
+                core.free(ptr.pop(k)[0], stream[k])
+        core.window_end()
+        for k in list(ptr):
+            core.free(ptr.pop(k)[0], stream[k])
+
+    run()
+    core.lib.lt_set_record(0)
+    ip = plan_recorded_iteration(core.events(), [window], [seq])
+    assert ip.streams[0] == [-1 if stream[k] == S1 else S2 for k in range(30)]
+    assert all(o >= 0 for o in ip.offsets[0][:20])  # planned, side stream included (the last may outlive)
+    base = _region(core, ip.region_bytes)
+    core.set_plan(0, ip.sizes[0], ip.offsets[0], ip.free_at[0], ip.streams[0], ip.ghosts[0])
+    ghosts, ticket = [], 0  # the ghosts the core should hold: (offset, end, stream, ticket)
+    freed = []  # every planned tensor freed so far: (offset, end, stream, left a ghost)
+
+    def note_free(p, size, k, ticket):
+        if base <= p < base + ip.region_bytes:
+            freed.append((p - base, p - base + size, stream[k], ip.ghosts[0][k]))
+            if ip.ghosts[0][k]:
+                ticket += 1
+                ghosts.append((p - base, p - base + size, stream[k], ticket))
+        return ticket
+
+    for rnd in range(3):
+        core.window_begin(0, S1)
+        live, ptr = {}, {}
+        for op, k, size in ops:
+            if op == "a":
+                waits = _waits(core)[0]
+                p = core.malloc(size, stream[k])
+                for q, (qs, _) in live.items():
+                    assert not (q < p + size and p < q + qs), "memory handed out twice"
+                live[p] = (size, k)
+                ptr[k] = p
+                if base <= p < base + ip.region_bytes:
+                    o = p - base
+                    # the plan's part: every earlier tensor of another stream in these bytes left a ghost
+                    assert all(g for fo, fe, fs, g in freed if fs != stream[k] and fo < o + size and o < fe)
+                    due = [t for go, ge, gs, t in ghosts if gs != stream[k] and go < o + size and o < ge]
+                    assert _waits(core)[0] - waits == len(due)
+                    if due:
+                        assert _waits(core)[1] == (stream[k], due[-1])
+            else:
+                p = ptr.pop(k)
+                size, _ = live.pop(p)
+                core.free(p, stream[k])
+                ticket = note_free(p, size, k, ticket)
+        for k, p in ptr.items():
+            core.free(p, stream[k])
+            ticket = note_free(p, live[p][0], k, ticket)
+        core.window_end()
+    s = core.stats()
+    assert s["served"] > 0 and s["refused_overlap"] == 0 and s["ghosts"] == len(ghosts)
+    assert (s["cross_stream_waits"] > 0) == (window[0] == "gap")  # a pass's transients keep to their block
+
+
+def test_side_stream_requests_are_planned_with_their_stream_or_left_out():
+    """A side stream's request freed inside the iteration is planned on level 2 with its stream; only
+    requests whose bytes another stream's request shares get a ghost; side_streams=False leaves it out."""
+    # window 0 on S1: a (S1) and g (S2, a gather) live together, g freed in window 1; c (S1) reuses g's bytes
+    ev = [(0, 0, 0, 1024, 1, 1, S1), (0, 0, 1, 2048, 0, 2, S2), (1, 0, -1, 1024, 0, 1, S1),
+          (1, 1, -1, 2048, 0, 2, S2), (0, 1, 0, 2048, 1, 3, S1), (1, 1, -1, 2048, 0, 3, S1)]
+    layout = [("fwd", 0), ("fwd", 1)]
+    plan = plan_recorded_iteration(ev, layout, [0, 1])
+    assert plan.streams == [[-1, S2], [-1]] and plan.offsets[0][1] >= 0 and plan.free_at[0][1] == 1
+    assert plan.unplanned == {} and plan.region_bytes == 3072
+    g, c = plan.offsets[0][1], plan.offsets[1][0]
+    assert g < c + 2048 and c < g + 2048  # the plan reuses g's bytes for c (a 3072-byte region)
+    assert plan.ghosts[0][1] and plan.ghosts[1][0]  # so both must leave a ghost
+    a = plan.offsets[0][0]
+    assert plan.ghosts[0][0] == (a < g + 2048 and g < a + 1024)
+    off = plan_recorded_iteration(ev, layout, [0, 1], side_streams=False)
+    assert off.offsets[0][1] == -1 and off.unplanned["side_stream"]["requests"] == 1
+    assert not any(x for gs in off.ghosts for x in gs)
+
+
 def test_check_mode_does_not_count_a_freed_block_whose_copy_is_pending_as_leaked(core):
     _region(core, 1024)
     core.lib.lt_set_check(1)
@@ -473,8 +605,9 @@ def test_recompute_inside_backward_belongs_to_the_backward_window(core):
 
 
 def test_plans_are_shared_by_identical_windows_and_aligned():
-    ev = [(0, 0, 0, 1000, 1, 1), (1, 0, -1, 1000, 0, 1), (0, 1, 0, 1000, 1, 2), (1, 1, -1, 1000, 0, 2),
-          (0, 2, 0, 3000, 1, 3), (0, 2, 1, 100, 1, 4), (1, 2, -1, 3000, 0, 3), (1, 3, -1, 100, 0, 4)]
+    ev = [(0, 0, 0, 1000, 1, 1, S1), (1, 0, -1, 1000, 0, 1, S1), (0, 1, 0, 1000, 1, 2, S1),
+          (1, 1, -1, 1000, 0, 2, S1), (0, 2, 0, 3000, 1, 3, S1), (0, 2, 1, 100, 1, 4, S1),
+          (1, 2, -1, 3000, 0, 3, S1), (1, 3, -1, 100, 0, 4, S1)]
     plan = plan_recorded_iteration(ev, [("fwd", 0), ("fwd", 1), ("bwd", 0), ("gap", -1)], [0, 1, 2, 3])
     assert plan.level1[0] is plan.level1[1] and plan.level1[2].peak_bytes == 3072 and ALIGNMENT == 512
     assert plan.offsets[2][1] >= 0 and plan.free_at[2] == [2, 3]  # the 100 bytes cross into the gap

@@ -16,13 +16,17 @@
  *  - a size, stream or count that differs from the plan switches the plan off for the rest of the
  *    window (the index alignment is lost; no offset is guessed after that);
  *  - a block another stream used (`record_stream`) is freed only once events recorded on those
- *    streams at free time have completed (deferred, as torch's caching allocator does).
+ *    streams at free time have completed (deferred, as torch's caching allocator does);
+ *  - a plan may place requests of several streams (a side stream's prefetch buffers) over the same bytes
+ *    at different times: a planned block whose bytes a request on another stream may take later leaves a
+ *    *ghost* when it is freed (its range and an event recorded on its stream), and that request's stream
+ *    waits for the event before it gets the bytes (cross-stream reuse in stream order).
  * Check mode additionally counts planned blocks whose lifetime differs from the plan (freed in
  * another window than the plan's) and planned blocks still live when the window that should free them
  * ends.
  *
- * Record mode logs every allocation and free (6 int64 each: type, window, k, size, flag, block id; the
- * flag is "on the window's stream" for an allocation, "used by another stream" for a free) so that
+ * Record mode logs every allocation and free (7 int64 each: type, window, k, size, flag, block id, stream;
+ * the flag is "on the window's stream" for an allocation, "used by another stream" for a free) so that
  * runtime.py can build the plans from a real step. A host backend (malloc, simulated events) lets the
  * CPU tests drive this exact code. Refusals are logged with the block in the way, for diagnosis.
  *
@@ -79,6 +83,7 @@ typedef struct {
     int64_t plan, k; /* where it was asked for: the window's plan id and its index there */
     int why; /* a fallback block: why the fallback served it (FB_*) */
     int freed; /* a planned block the program freed while other streams still read it (deferred) */
+    int ghost; /* a planned block that leaves a ghost when freed (the plan's PLAN_GHOST) */
     stream_t stream;
     int nrec;
     stream_t rec[MAX_STREAMS];
@@ -150,7 +155,10 @@ static block_t *table_take(void *p) {
 /* ---- plans, windows, live planned blocks, deferred frees, record ------------------------------- */
 
 #define MAX_PLANS 4096
-typedef struct { int64_t n, *size, *offset, *free_at; } plan_t;
+/* per request: size, offset (< 0: unplanned), the window that frees it, its stream (-1: the window's),
+ * flags (PLAN_GHOST: leave a ghost at its free, a request on another stream may take its bytes later) */
+typedef struct { int64_t n, *size, *offset, *free_at, *stream, *flags; } plan_t;
+#define PLAN_GHOST 1
 static plan_t plans[MAX_PLANS];
 
 static char *region;
@@ -166,15 +174,25 @@ typedef struct { block_t *b; int nev; void *ev[MAX_STREAMS]; } deferred_t;
 static deferred_t *deferred;
 static int64_t ndeferred, deferred_cap;
 
+/* ghosts: freed planned blocks whose bytes a request on another stream may take later; each holds an
+ * event recorded on the block's stream at the free, and is dropped once that event has completed */
+typedef struct { int64_t offset, size; stream_t stream; void *ev; } ghost_t;
+static ghost_t *ghosts;
+static int64_t nghosts, ghost_cap;
+static void **spare_events; /* completed events, recorded again instead of created (cudaEventCreate is slow) */
+static int64_t nspare, spare_cap;
+
+#define REC_W 7
 static int recording, check_mode;
 static int64_t *rec;
-static int64_t rec_len, rec_cap; /* in events; 6 int64 each */
+static int64_t rec_len, rec_cap; /* in events; REC_W int64 each */
 
 /* stats, in the order of lt_stats */
 enum {
     S_ALLOCATED, S_ALLOCATED_PEAK, S_RESERVED, S_RESERVED_PEAK, S_SERVED, S_MISS_SIZE, S_MISS_LENGTH,
     S_MISS_STREAM, S_REFUSED_OVERLAP, S_FALLBACK, S_DEFERRED, S_CHECK_LIFETIME, S_CHECK_LEAKED,
     S_REGION, S_PLANNED_LIVE, S_OOM_RETRIES, S_WINDOWS, S_UNKNOWN_FREE, S_AFTER_MISS, S_REUSE_WAITS,
+    S_CROSS_WAITS, S_GHOSTS, /* waits queued for a ghost's stream; ghosts pending now */
     S_FB_BYTES, /* FB_N: the fallback's bytes held now (until really released), by why it served them */
     S_FB_PEAK = S_FB_BYTES + 4, /* FB_N: their peaks since the last reset */
     S_N = S_FB_PEAK + 4
@@ -184,17 +202,19 @@ enum {
 enum { FB_NO_PLAN, FB_UNPLANNED, FB_REFUSED, FB_AFTER_MISS, FB_N };
 static int64_t st[S_N];
 
-static void log_event(int64_t type, int64_t window, int64_t k, int64_t size, int64_t main_stream, int64_t id) {
+static void log_event(int64_t type, int64_t window, int64_t k, int64_t size, int64_t main_stream, int64_t id,
+                      stream_t stream) {
     if (!recording) return;
     if (rec_len == rec_cap) {
         int64_t cap = rec_cap ? rec_cap * 2 : 65536;
-        int64_t *n = realloc(rec, (size_t)cap * 6 * sizeof(int64_t));
+        int64_t *n = realloc(rec, (size_t)cap * REC_W * sizeof(int64_t));
         if (!n) { recording = 0; return; } /* runtime.py sees the record stop short and plans nothing */
         rec = n;
         rec_cap = cap;
     }
-    int64_t *e = rec + rec_len * 6;
+    int64_t *e = rec + rec_len * REC_W;
     e[0] = type; e[1] = window; e[2] = k; e[3] = size; e[4] = main_stream; e[5] = id;
+    e[6] = (int64_t)(intptr_t)stream;
     rec_len++;
 }
 
@@ -322,6 +342,71 @@ static void event_destroy(void *ev) {
     if (backend == BACKEND_CUDA) c_event_destroy(ev);
 }
 
+/* An event recorded on `stream` now (a spare one recorded again, else a new one); NULL when CUDA refuses. */
+static void *event_on(stream_t stream) {
+    if (backend == BACKEND_HOST) return (void *)(intptr_t)(++host_tickets);
+    void *ev = nspare ? spare_events[--nspare] : NULL;
+    if (!ev && c_event_create(&ev, EVENT_DISABLE_TIMING)) { c_get_last_error(); return NULL; }
+    if (c_event_record(ev, stream)) { c_get_last_error(); c_event_destroy(ev); return NULL; }
+    return ev;
+}
+
+/* A completed event, kept to be recorded again (a stream wait queued on it earlier is not affected). */
+static void event_spare(void *ev) {
+    if (backend != BACKEND_CUDA) return;
+    if (nspare == spare_cap) {
+        int64_t cap = spare_cap ? spare_cap * 2 : 256;
+        void **n = realloc(spare_events, (size_t)cap * sizeof(void *));
+        if (!n) { c_event_destroy(ev); return; }
+        spare_events = n;
+        spare_cap = cap;
+    }
+    spare_events[nspare++] = ev;
+}
+
+/* A planned block with PLAN_GHOST is freed: its bytes stay guarded against other streams until the work
+ * its stream queued so far is done. Where no event can be recorded the device is synchronised instead. */
+static void ghost_add(block_t *b) {
+    void *ev = event_on(b->stream);
+    if (ev && nghosts == ghost_cap) {
+        int64_t cap = ghost_cap ? ghost_cap * 2 : 256;
+        ghost_t *n = realloc(ghosts, (size_t)cap * sizeof(ghost_t));
+        if (n) { ghosts = n; ghost_cap = cap; }
+    }
+    if (!ev || nghosts == ghost_cap) {
+        if (backend == BACKEND_CUDA) c_device_sync();
+        if (ev) event_spare(ev);
+        return;
+    }
+    ghosts[nghosts++] = (ghost_t){b->offset, b->size, b->stream, ev};
+    st[S_GHOSTS] = nghosts;
+}
+
+/* Ghosts whose event has completed go (all of them with `all`, after a device synchronisation). */
+static void prune_ghosts(int all) {
+    if (all && nghosts && backend == BACKEND_CUDA) c_device_sync();
+    if (all && backend == BACKEND_HOST) host_done = host_tickets;
+    int64_t j = 0;
+    for (int64_t i = 0; i < nghosts; i++) {
+        if (all || event_done(ghosts[i].ev)) event_spare(ghosts[i].ev);
+        else ghosts[j++] = ghosts[i];
+    }
+    nghosts = j;
+    st[S_GHOSTS] = nghosts;
+}
+
+/* Queue on `stream` a wait for `ev` (host backend: count it); 0 ok. */
+static int stream_wait(stream_t stream, void *ev) {
+    if (backend == BACKEND_HOST) {
+        host_waits++;
+        host_last_wait[0] = (int64_t)(intptr_t)stream;
+        host_last_wait[1] = (int64_t)(intptr_t)ev;
+        return 0;
+    }
+    if (c_stream_wait_event(stream, ev, 0)) { c_get_last_error(); return -1; }
+    return 0;
+}
+
 static void process_deferred(int wait_all) {
     int64_t j = 0;
     if (wait_all && ndeferred && backend == BACKEND_CUDA) c_device_sync();
@@ -343,7 +428,9 @@ static void process_deferred(int wait_all) {
 
 /* Stream-ordered reuse. The planned slot [off, off + size) for a request on `stream`: -1 when it may be
  * handed out, else the index in `live` of a planned block the program still holds there (the request is
- * refused; nothing was changed). Blocks there that the program has freed but other streams still read
+ * refused; nothing was changed), or -2 when a wait could not be queued (refused). Ghosts there of blocks
+ * freed on another stream make `stream` wait for their events first. Blocks there that the program has
+ * freed but other streams still read
  * (record_stream) do not stand in the way: `stream` first waits for the events recorded on those streams
  * at the free (cudaStreamWaitEvent), so every kernel queued on `stream` from here on runs after their last
  * use; the freed blocks stay listed (and so guard the rest of their bytes against other streams) until
@@ -357,6 +444,13 @@ static int64_t claim_slot(int64_t off, int64_t size, stream_t stream) {
             if (!live[i]->freed) return i;
             nfreed++;
         }
+    for (int64_t i = 0; i < nghosts; i++) {
+        ghost_t *g = &ghosts[i];
+        if (g->stream == stream || !(g->offset < off + size && off < g->offset + g->size)) continue;
+        if (event_done(g->ev)) continue;
+        if (stream_wait(stream, g->ev)) return -2; /* cannot order the reuse: refuse */
+        st[S_CROSS_WAITS]++;
+    }
     if (!nfreed) return -1;
     for (int64_t i = 0; i < nlive; i++) {
         if (!(live[i]->offset < off + size && off < live[i]->offset + live[i]->size)) continue;
@@ -366,14 +460,7 @@ static int64_t claim_slot(int64_t off, int64_t size, stream_t stream) {
         for (int e = 0; e < deferred[d].nev; e++) {
             void *ev = deferred[d].ev[e];
             if (event_done(ev)) continue;
-            if (backend == BACKEND_HOST) {
-                host_waits++;
-                host_last_wait[0] = (int64_t)(intptr_t)stream;
-                host_last_wait[1] = (int64_t)(intptr_t)ev;
-            } else if (c_stream_wait_event(stream, ev, 0)) {
-                c_get_last_error();
-                return i; /* cannot order the reuse: refuse */
-            }
+            if (stream_wait(stream, ev)) return -2; /* cannot order the reuse: refuse */
         }
         st[S_REUSE_WAITS]++;
     }
@@ -453,20 +540,25 @@ int lt_region_alloc(int64_t bytes) {
 int64_t lt_region_base(void) { return (int64_t)(intptr_t)region; }
 
 /* offsets[k] < 0: request k is not planned; free_at[k]: the plan id of the window that frees it (check
- * mode). Every planned block must lie inside the region. */
-int lt_set_plan(int id, int64_t n, const int64_t *size, const int64_t *offset, const int64_t *free_at) {
+ * mode); stream[k]: the stream it must come on (-1: the window's); flags[k]: PLAN_GHOST. Every planned
+ * block must lie inside the region. */
+int lt_set_plan(int id, int64_t n, const int64_t *size, const int64_t *offset, const int64_t *free_at,
+                const int64_t *stream, const int64_t *flags) {
     if (id < 0 || id >= MAX_PLANS || n < 0) return -1;
     for (int64_t k = 0; k < n; k++)
         if (offset[k] >= 0 && offset[k] + size[k] > region_bytes) return -2;
     size_t bytes = (size_t)(n ? n : 1) * sizeof(int64_t);
-    int64_t *s = malloc(bytes), *o = malloc(bytes), *f = malloc(bytes);
-    if (!s || !o || !f) { free(s); free(o); free(f); return -3; }
-    memcpy(s, size, (size_t)n * sizeof(int64_t));
-    memcpy(o, offset, (size_t)n * sizeof(int64_t));
-    memcpy(f, free_at, (size_t)n * sizeof(int64_t));
+    const int64_t *src[5] = {size, offset, free_at, stream, flags};
+    int64_t *dst[5];
+    for (int a = 0; a < 5; a++) {
+        dst[a] = malloc(bytes);
+        if (!dst[a]) { while (a--) free(dst[a]); return -3; }
+        memcpy(dst[a], src[a], (size_t)n * sizeof(int64_t));
+    }
     pthread_mutex_lock(&mu);
     free(plans[id].size); free(plans[id].offset); free(plans[id].free_at);
-    plans[id] = (plan_t){n, s, o, f};
+    free(plans[id].stream); free(plans[id].flags);
+    plans[id] = (plan_t){n, dst[0], dst[1], dst[2], dst[3], dst[4]};
     pthread_mutex_unlock(&mu);
     return 0;
 }
@@ -482,6 +574,7 @@ static void close_window(void) {
 int64_t lt_window_begin(int plan, stream_t stream) {
     pthread_mutex_lock(&mu);
     process_deferred(0);
+    prune_ghosts(0);
     close_window();
     win.active = 1;
     win.plan = (plan >= 0 && plan < MAX_PLANS && plans[plan].size) ? plan : -1;
@@ -505,7 +598,7 @@ void lt_window_end(void) {
 static void *alloc_locked(size_t size, stream_t stream) {
     process_deferred(0);
     int64_t k = -1, window = -1, offset = -1, expect = -1;
-    int why = FB_NO_PLAN;
+    int why = FB_NO_PLAN, ghost = 0;
     if (win.active) {
         k = win.k++;
         window = win.seq;
@@ -515,22 +608,26 @@ static void *alloc_locked(size_t size, stream_t stream) {
             if (win.off) st[S_AFTER_MISS]++;
             else if (k >= p->n) { win.off = 1; st[S_MISS_LENGTH]++; }
             else if ((int64_t)size != p->size[k]) { win.off = 1; st[S_MISS_SIZE]++; }
-            else if (p->offset[k] >= 0 && stream != win.stream) { win.off = 1; st[S_MISS_STREAM]++; }
+            else if (p->offset[k] >= 0 && stream != (p->stream[k] < 0 ? win.stream : (stream_t)(intptr_t)p->stream[k])) {
+                win.off = 1;
+                st[S_MISS_STREAM]++;
+            }
             else if (p->offset[k] < 0) why = FB_UNPLANNED;
             else {
                 int64_t in_the_way = claim_slot(p->offset[k], (int64_t)size, stream);
-                if (in_the_way >= 0) {
+                if (in_the_way != -1) {
                     st[S_REFUSED_OVERLAP]++;
                     why = FB_REFUSED;
                     if (nrefusals < REFUSAL_LOG) {
                         int64_t *r = refusals[nrefusals++];
                         r[0] = win.plan; r[1] = k; r[2] = (int64_t)size;
-                        block_t *w = live[in_the_way];
-                        r[3] = w->plan; r[4] = w->k; r[5] = w->freed;
+                        block_t *w = in_the_way >= 0 ? live[in_the_way] : NULL;
+                        r[3] = w ? w->plan : -1; r[4] = w ? w->k : -1; r[5] = w ? w->freed : 2; /* 2: no wait queued */
                     }
                 } else {
                     offset = p->offset[k];
                     expect = p->free_at[k];
+                    ghost = (int)(p->flags[k] & PLAN_GHOST);
                 }
             }
         }
@@ -558,6 +655,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
     b->plan = win.active ? win.plan : -1;
     b->k = k;
     b->why = why;
+    b->ghost = ghost;
     if (offset >= 0 && live_add(b)) { free(b); return NULL; }
     if (table_put(b)) { /* cannot track it: give it back rather than lose it */
         if (offset >= 0) live_remove(b);
@@ -568,7 +666,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
     if (offset >= 0) st[S_SERVED]++;
     note_allocated((int64_t)size);
     if (offset < 0) note_fallback(why, (int64_t)size);
-    log_event(0, window, k, (int64_t)size, win.active && stream == win.stream, b->id);
+    log_event(0, window, k, (int64_t)size, win.active && stream == win.stream, b->id, stream);
     return ptr;
 }
 
@@ -591,7 +689,8 @@ void lt_free(void *ptr, size_t size, int device, stream_t stream) {
     /* allocated bytes drop now (as torch counts them); the memory itself waits for other streams */
     note_allocated(-b->size);
     int other_streams = b->nrec || b->rec_overflow;
-    log_event(1, win.active ? win.seq : -1, -1, b->size, other_streams, b->id);
+    log_event(1, win.active ? win.seq : -1, -1, b->size, other_streams, b->id, b->stream);
+    if (b->offset >= 0 && b->ghost) ghost_add(b);
     if (check_mode && b->offset >= 0 && (!win.active || win.asked != b->expect_free)) {
         st[S_CHECK_LIFETIME]++;
         if (nlifetimes < REFUSAL_LOG) {
@@ -716,13 +815,19 @@ int64_t lt_host_waits(int64_t *out) {
 void lt_host_complete_events(void) { pthread_mutex_lock(&mu); host_done = host_tickets; pthread_mutex_unlock(&mu); }
 
 /* Frees whose events completed go back now; with wait, after a device synchronisation. */
-void lt_flush(int wait) { pthread_mutex_lock(&mu); process_deferred(wait); pthread_mutex_unlock(&mu); }
+void lt_flush(int wait) {
+    pthread_mutex_lock(&mu);
+    process_deferred(wait);
+    prune_ghosts(wait);
+    pthread_mutex_unlock(&mu);
+}
 
 /* torch.cuda.empty_cache(): deferred frees after a device synchronisation, then the fallback's
  * unused memory back to the device (the plan's region stays: it is in use by design). */
 void lt_empty_cache(void) {
     pthread_mutex_lock(&mu);
     process_deferred(1);
+    prune_ghosts(1);
     if (fb.trim) fb.trim();
     pthread_mutex_unlock(&mu);
 }

@@ -9,7 +9,7 @@ of bytes live at one moment. Finding the minimum peak is NP-hard (it is a 2-D st
 x-positions), so we
   1. run a greedy best-fit heuristic over a few orderings and keep the best (fast, usually within a few
      percent of the bound),
-  2. stop there when greedy meets the lower bound (provably optimal),
+  2. stop there when greedy meets the lower bound (provably optimal) or is within `mip_gap` of it,
   3. otherwise solve MEMO's MIP with PuLP/CBC under a time limit, warm-started from the greedy plan
      (so CBC always holds an incumbent at least as good), and keep whichever plan is better.
 Every returned plan is re-checked (`MemoryPlan.validate`): no two conflicting requests overlap, every
@@ -307,7 +307,7 @@ def _order_from_offsets(offsets: Sequence[int], pairs: Sequence[tuple[int, int]]
 
 
 def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, alignment: int = 1, seed: int = 0,
-               use_mip: bool = True, max_pairs: int = 200_000, search_iters: int = 300,
+               use_mip: bool = True, max_pairs: int = 200_000, search_iters: int = 300, mip_gap: float = 1e-3,
                names: Sequence[str] | None = None,
                info: dict | None = None) -> MemoryPlan:
     """Plan offsets for `requests` minimising the peak. See the module docstring for the method.
@@ -316,12 +316,17 @@ def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, align
     alignment: offsets are multiples of it and sizes rounded up to it (512 = the CUDA caching allocator's);
     seed: CBC's random seed (with threads=1 and a limit that is not hit, the result is deterministic);
     max_pairs: skip the MIP when more lifetime-overlapping pairs than this (each is one binary);
-    search_iters: rounds of the greedy's local search (seeded by `seed`; 0 = orderings only).
+    search_iters: rounds of the greedy's local search (seeded by `seed`; 0 = orderings only);
+    mip_gap: skip the MIP when the greedy peak is within this fraction of the lower bound (no plan beats
+    the bound, so CBC could gain at most that much; 0 = only at the bound). The runtime plans inside a
+    training step, where CBC used its whole time limit to confirm a greedy plan 0.01% above the bound.
     """
     t0 = time.perf_counter()
     reqs = _check_requests(requests)
     if not (isinstance(alignment, int) and alignment >= 1):
         raise ValueError(f"alignment={alignment!r} must be an int >= 1 (bytes)")
+    if not 0 <= mip_gap < 1:
+        raise ValueError(f"mip_gap={mip_gap!r} must be in [0, 1)")
     if not time_limit_s > 0:
         raise ValueError(f"time_limit_s={time_limit_s} must be > 0 seconds")
     if names is not None and len(names) != len(reqs):
@@ -339,6 +344,8 @@ def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, align
         solver = f"{gname} (= lower bound: optimal)"
     elif not use_mip:
         solver = f"{gname} (mip off)"
+    elif gpeak <= lb * (1 + mip_gap):
+        solver = f"{gname} (within mip_gap={mip_gap:g} of the lower bound)"
     elif len(pairs) > max_pairs:
         solver = f"{gname} (mip skipped: {len(pairs)} pairs > max_pairs={max_pairs})"
     else:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +62,7 @@ ALIGNMENT = 512
 STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "served", "miss_size", "miss_length",
               "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
               "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss", "reuse_waits",
+              "cross_stream_waits", "ghosts",
               # the bytes the fallback holds by why it served them, then their peaks
               *(f"fallback_{why}{peak}" for peak in ("", "_peak")
                 for why in ("no_plan", "unplanned", "refused", "after_miss")))
@@ -103,7 +105,7 @@ class Core:
         i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         sig = {"lt_init_host": (i32, []), "lt_init_cuda": (i32, [ctypes.c_char_p, i32]),
                "lt_region_alloc": (i32, [i64]), "lt_region_base": (i64, []),
-               "lt_set_plan": (i32, [i32, i64, ctypes.POINTER(i64), ctypes.POINTER(i64), ctypes.POINTER(i64)]),
+               "lt_set_plan": (i32, [i32, i64, *[ctypes.POINTER(i64)] * 5]),
                "lt_window_begin": (i64, [i32, vp]), "lt_window_end": (None, []),
                "lt_malloc": (vp, [ctypes.c_size_t, i32, vp]), "lt_free": (None, [vp, ctypes.c_size_t, i32, vp]),
                "lt_record_stream": (None, [vp, vp]), "lt_set_record": (None, [i32]), "lt_set_check": (None, [i32]),
@@ -121,11 +123,17 @@ class Core:
     def address(self, name: str) -> int:
         return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
 
-    def set_plan(self, plan_id: int, sizes: list[int], offsets: list[int], free_at: list[int] | None = None) -> None:
+    def set_plan(self, plan_id: int, sizes: list[int], offsets: list[int], free_at: list[int] | None = None,
+                 streams: list[int] | None = None, ghosts: list[bool] | None = None) -> None:
+        """Window `plan_id`'s plan: per request its size, region offset (-1: the fallback), the window that
+        frees it (default this one), the stream it must come on (default -1: the window's) and whether its
+        free leaves a ghost (a request on another stream may take its bytes later; default no)."""
         n = len(sizes)
         arr = ctypes.c_int64 * max(n, 1)
         free_at = [plan_id] * n if free_at is None else free_at
-        r = self.lib.lt_set_plan(plan_id, n, arr(*sizes), arr(*offsets), arr(*free_at))
+        streams = [-1] * n if streams is None else streams
+        flags = [0] * n if ghosts is None else [int(bool(g)) for g in ghosts]
+        r = self.lib.lt_set_plan(plan_id, n, arr(*sizes), arr(*offsets), arr(*free_at), arr(*streams), arr(*flags))
         if r:
             raise ValueError(f"plan {plan_id} refused by the allocator core (code {r}: -2 = outside the region)")
 
@@ -147,13 +155,14 @@ class Core:
     def region_base(self) -> int:
         return self.lib.lt_region_base()
 
-    def events(self) -> list[tuple[int, int, int, int, int, int]]:
-        """(type 0 alloc / 1 free, window, k, size, flag, block id) per recorded event; the flag is "on the
-        window's stream" for an allocation, "used by another stream" for a free."""
+    def events(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """(type 0 alloc / 1 free, window, k, size, flag, block id, stream) per recorded event; the flag is
+        "on the window's stream" for an allocation, "used by another stream" for a free; the stream is the
+        one the block was allocated on."""
         n = self.lib.lt_record_len()
         data = self.lib.lt_record_data()
-        flat = [data[i] for i in range(6 * n)] if n else []
-        return [tuple(flat[6 * i:6 * i + 6]) for i in range(n)]
+        flat = [data[i] for i in range(7 * n)] if n else []
+        return [tuple(flat[7 * i:7 * i + 7]) for i in range(n)]
 
     def _log(self, read, width: int, limit: int) -> list[tuple[int, ...]]:
         buf = (ctypes.c_int64 * (width * limit))()
@@ -204,6 +213,8 @@ class IterationPlan:
     level1: dict[int, MemoryPlan]  # per layer-pass position: its transients
     level2: MemoryPlan | None  # the iteration: one block per layer pass + the requests that cross windows
     unplanned: dict = field(default_factory=dict)  # why requests were left to the fallback: cause -> counts
+    streams: list[list[int]] = field(default_factory=list)  # per window: each request's stream, -1: the window's
+    ghosts: list[list[bool]] = field(default_factory=list)  # per window: its free guards the bytes against other streams
 
     @property
     def region_bytes(self) -> int:
@@ -213,16 +224,19 @@ class IterationPlan:
         return sum(o >= 0 for offs in self.offsets for o in offs)
 
 
-def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
-                            time_limit_s: float = 60.0) -> IterationPlan:
+def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, time_limit_s: float = 60.0,
+                            side_streams: bool = True) -> IterationPlan:
     """Plans one recorded iteration (`events` of the core's record, windows `seqs` in order, `layout[p]`
     what window p was).
 
-    A request is planned when it is allocated on its window's stream and freed inside the iteration. One
-    that another stream still reads when it is freed (`record_stream`: a swap's D2H copy) is planned up to
-    its free too: at replay the next request placed over it makes its own stream wait for that stream's
-    events (the core's stream-ordered reuse), so the plan's timeline is the program's order, not the
-    copy engine's timing.
+    A request is planned when it is freed inside the iteration. One that another stream still reads when
+    it is freed (`record_stream`: a swap's D2H copy) is planned up to its free too: at replay the next
+    request placed over it makes its own stream wait for that stream's events (the core's stream-ordered
+    reuse), so the plan's timeline is the program's order, not the copy engine's timing. A request made on
+    another stream than its window's (ZeRO-3's parameter gathers, the swap's prefetch buffers) is planned
+    with that stream (`side_streams`; else the fallback serves it): at replay it must come on the same
+    stream, and where the plan gives bytes of one stream's tensor to another stream's later, the first
+    one's free leaves a ghost the second one's stream waits for (`ghosts`).
     Level 1: per layer pass, the requests it allocates and frees itself (its transients), on one plan;
     passes with the same requests share the solve. Level 2: the iteration, where every layer pass is one
     block of its level-1 peak over its span and every other planned request (skeletal tensors kept for
@@ -232,9 +246,9 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
     n = len(seqs)
     sizes: list[list[int]] = [[] for _ in range(n)]
     span = [[-1, -1] for _ in range(n)]
-    blocks: dict[int, list] = {}  # id -> [pos, k, size, on stream, t alloc, pos free, t free]
+    blocks: dict[int, list] = {}  # id -> [pos, k, size, on stream, t alloc, pos free, t free, stream]
     t = 0
-    for typ, win, k, size, flag, bid in events:
+    for typ, win, k, size, flag, bid, stream in events:
         p = pos_of.get(win)
         if p is None:
             continue
@@ -245,24 +259,24 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
             if k != len(sizes[p]):
                 raise ValueError(f"window {p} ({layout[p]}): request {k} recorded as number {len(sizes[p])}")
             sizes[p].append(size)
-            blocks[bid] = [p, k, size, bool(flag), t, -1, -1]
+            blocks[bid] = [p, k, size, bool(flag), t, -1, -1, stream]
         elif bid in blocks:  # a free: where and when (another stream reading it does not matter here)
             blocks[bid][5:7] = [p, t]
         t += 1
     transients: dict[int, list] = {}
     crossing = []
     left: dict[str, list] = {}  # cause -> [requests, bytes, (t, +-size) edges]
-    for p, k, size, on_stream, t0, fp, t1 in blocks.values():
-        cause = "side_stream" if not on_stream else "outlives_iteration" if fp < 0 else None
+    for p, k, size, on_stream, t0, fp, t1, stream in blocks.values():
+        cause = ("side_stream" if not (on_stream or side_streams) else "outlives_iteration" if fp < 0 else None)
         if cause:
             c = left.setdefault(cause, [0, 0, []])
             c[0] += 1
             c[1] += size
             c[2] += [(t0, size), (t1 if fp >= 0 else t, -size)]
             continue
-        if fp == p and layout[p][0] != "gap":
+        if on_stream and fp == p and layout[p][0] != "gap":
             transients.setdefault(p, []).append((k, size, t0, t1))
-        else:
+        else:  # level 2's own requests (a side stream's too: level 1's shared plans are one stream's)
             crossing.append((p, k, fp, Request(size, t0, t1)))
     level1: dict[int, MemoryPlan] = {}
     offs1: dict[int, dict[int, int]] = {}
@@ -293,6 +307,13 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
                 offsets[p][k], free_at[p][k] = block[p] + o, p
         for (p, k, fp, _), o in zip(crossing, level2.offsets[len(level1):]):
             offsets[p][k], free_at[p][k] = o, fp
+    streams = [[-1] * len(x) for x in sizes]
+    on_stream_of = [[-1] * len(x) for x in sizes]  # each request's stream handle
+    for p, k, size, on_stream, *_, stream in blocks.values():
+        on_stream_of[p][k] = stream
+        if not on_stream:
+            streams[p][k] = stream
+    ghosts = _cross_stream_ghosts(sizes, offsets, on_stream_of)
     unplanned = {}
     for cause, (count, nbytes, edges) in sorted(left.items()):
         live = peak = 0
@@ -300,7 +321,32 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *,
             live += d
             peak = max(peak, live)
         unplanned[cause] = {"requests": count, "bytes": nbytes, "peak_live_bytes": peak}
-    return IterationPlan(list(layout), sizes, offsets, free_at, level1, level2, unplanned)
+    return IterationPlan(list(layout), sizes, offsets, free_at, level1, level2, unplanned, streams, ghosts)
+
+
+def _cross_stream_ghosts(sizes, offsets, stream_of) -> list[list[bool]]:
+    """Per planned request: whether a planned request of another stream shares any of its bytes (so, the
+    plan replaying every iteration, may take them after it is freed). Every pair of different streams
+    has a request off the most common stream, so only those are compared against all."""
+    where = [(p, k) for p, offs in enumerate(offsets) for k, o in enumerate(offs) if o >= 0]
+    ghosts = [[False] * len(x) for x in sizes]
+    if not where:
+        return ghosts
+    off = np.array([offsets[p][k] for p, k in where], dtype=np.int64)
+    end = off + np.array([sizes[p][k] for p, k in where], dtype=np.int64)
+    st = np.array([stream_of[p][k] for p, k in where], dtype=np.int64)
+    values, counts = np.unique(st, return_counts=True)
+    if len(values) < 2:
+        return ghosts
+    flag = np.zeros(len(where), dtype=bool)
+    for i in np.nonzero(st != values[np.argmax(counts)])[0]:
+        hit = (off < end[i]) & (off[i] < end) & (st != st[i])
+        if hit.any():
+            flag |= hit
+            flag[i] = True
+    for (p, k), g in zip(where, flag):
+        ghosts[p][k] = bool(g)
+    return ghosts
 
 
 # ---- the runtime: windows around the layers ---------------------------------------------------------
@@ -314,6 +360,7 @@ class PlanRuntime:
     record_iteration: int = 1  # which iteration (0-based, grad-enabled forwards of layer 0) is recorded
     time_limit_s: float = 60.0
     check: bool = False
+    side_streams: bool = True  # plan the requests made on other streams than their window's too
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
     iteration: int = -1
     state: str = "warmup"  # warmup -> recording -> replay (or off)
@@ -377,7 +424,8 @@ class PlanRuntime:
         self.core.lib.lt_record_clear()
         seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
         try:
-            plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=self.time_limit_s)
+            plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=self.time_limit_s,
+                                           side_streams=self.side_streams)
         except ValueError as e:
             self._off()
             log.warning("memory plan: cannot plan the recorded iteration (%s); the fallback allocator serves "
@@ -410,7 +458,7 @@ class PlanRuntime:
                         "allocator serves everything", plan.region_bytes / 2**30, r)
             return
         for p in range(len(plan.layout)):
-            self.core.set_plan(p, plan.sizes[p], plan.offsets[p], plan.free_at[p])
+            self.core.set_plan(p, plan.sizes[p], plan.offsets[p], plan.free_at[p], plan.streams[p], plan.ghosts[p])
         self.plan, self.state = plan, "replay"
         self.core.lib.lt_pool_keep(1)
         log.info("memory plan: %s", self.summary())
@@ -466,7 +514,8 @@ class PlanRuntime:
             return {"window": p, "pass": self._pass(p), "k": k, "size": size}
 
         return [{"count": c, "refused": where(p, k),
-                 "in_the_way": {**where(bp, bk), "freed_waiting_on_stream": bool(fr)}}
+                 "in_the_way": ({**where(bp, bk), "freed_waiting_on_stream": bool(fr)} if bp >= 0
+                                else {"stream_wait_failed": True})}
                 for (p, k, _, bp, bk, fr), c in Counter(self.core.refusals()).most_common(top)]
 
     def lifetime_report(self, top: int = 10) -> list[dict]:
