@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6 on one H200 (kind nvidia-h200): the planned allocator against torch's caching allocator and
 # expandable segments, in the same training steps. JSON and logs under $OUT.
-#   . .whl/env.sh && bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen [budget] [start] [step] [variants]
+#   . .whl/env.sh && bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen BUDGET STEP V:START:CAP...
 # The device tool brings back at most 8 files: run a part with OUT set to a scratch folder and pack it, e.g.
 #   R=$OUT; OUT=/tmp/res timeout 560 bash tools/gpu_planner.sh side; tar czf $R/res.tgz -C /tmp/res .
 # Parts:
@@ -16,8 +16,8 @@
 #           plans (JSON) and their pictures land in $OUT too, level 2 beside the caching run's snapshot of one
 #           step (bench_train --memory-snapshot) when caching ran first
 #   fits    within a GPU budget (GiB; a ballast takes the rest), one attempt per allocator:length pair
-#   maxlen  the longest sequence each allocator trains (fresh process per attempt) within a GPU budget; an
-#           attempt near 128K costs 80-100 s of device time, so give one or two variants per call
+#   maxlen  BUDGET STEP V:START:CAP...: the longest sequence each allocator trains (fresh process per attempt)
+#           within a GPU budget; an attempt near 128K costs 80-100 s of device time, so bracket each search
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 R=recipes/llama3-8b-1m-4gpu.yaml
@@ -65,15 +65,17 @@ case "${1:-}" in
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$S" --seq-max "$S" \
         --json "$OUT/planner_fits_${B}gib_${v}_$S.json" 2>&1 | filter | tee "$OUT/fits_${B}gib_${v}_$S.log" | tail -3
     done ;;
-  maxlen)
-    B=${2:-33}; S=${3:-98304}; T=${4:-8192}  # 33 GiB: 128K tokens fit expandable segments, not the plan
-    for v in ${5:-caching expandable planned}; do
+  maxlen)  # budget GiB, step, then allocator:start:cap triples: the search from start (doubling, capped, then
+           # bisecting to step), so a known bracket costs 2-3 attempts
+    B=$2; T=$3; shift 3
+    for vsm in "$@"; do
+      IFS=: read -r v S M <<< "$vsm"
       timeout 560 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 2 \
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$T" \
-        --seq-max $((S * 2)) --attempt-timeout 150 --json "$OUT/planner_maxlen_$v.json" 2>&1 | filter \
-        | tee "$OUT/maxlen_$v.log" | tail -6
+        --seq-max "$M" --attempt-timeout 150 --json "$OUT/planner_maxlen_${B}gib_$v.json" 2>&1 | filter \
+        | tee "$OUT/maxlen_${B}gib_$v.log" | tail -6
     done ;;
   *)
-    echo "usage: bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen [budget] [start] [step] [variants]" >&2
+    echo "usage: bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen BUDGET STEP V:START:CAP..." >&2
     exit 2 ;;
 esac
