@@ -48,7 +48,7 @@ def worker(planned: bool, out: str, fallback: str = "caching") -> None:
         from longtrain.memory.planner.runtime import PlanRuntime, attach_windows
 
         rt = PlanRuntime(core, dev, check=True, time_limit_s=10)
-        attach_windows(model.model.layers, rt)
+        attach_windows(model.model.layers, rt, model=model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator(device=dev).manual_seed(0)
     rec = {"steps": []}

@@ -585,6 +585,55 @@ def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     assert s2["allocated"] == 0  # every request came back
 
 
+class _Embed(torch.autograd.Function):
+    """The model's first op (an embedding): its output's block lives until the first layer's backward is
+    done, i.e. past the first layer's forward, where an iteration starts without the model hook."""
+
+    @staticmethod
+    def forward(ctx, core, x):
+        ctx.core, ctx.block = core, core.malloc(256, S1)
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.core.free(ctx.block, S1)
+        return None, g
+
+
+class _Net(nn.Module):
+    def __init__(self, core):
+        super().__init__()
+        self.core = core
+        self.layers = nn.ModuleList(_Layer(core) for _ in range(2))
+
+    def forward(self, x):
+        x = _Embed.apply(self.core, x)
+        for m in self.layers:
+            x = m(x)
+        return x
+
+
+@pytest.mark.parametrize("hook_model", [True, False])
+def test_the_models_forward_starts_the_iteration_so_the_embedding_is_planned(core, hook_model):
+    net = _Net(core)
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True)
+    attach_windows(net.layers, rt, model=net if hook_model else None)
+    for _ in range(4):
+        net(torch.ones(4, requires_grad=True)).sum().backward()
+    assert rt.state == "replay"
+    s = core.stats()
+    assert (s["miss_size"], s["miss_length"], s["refused_overlap"], s["check_lifetime"]) == (0, 0, 0, 0)
+    if hook_model:  # gap(embedding) fwd0 gap fwd1 gap bwd1 gap bwd0 gap
+        assert rt.plan.layout[0] == ("gap", -1) and len(rt.plan.layout) == 9
+        assert rt.plan.unplanned == {} and rt.plan.sizes[0] == [256] and rt.plan.offsets[0][0] >= 0
+        assert rt.plan.free_at[0][0] == 8  # freed after bwd0, in the last gap
+        assert s["served"] == 2 * (1 + 2 * 6)  # 2 replayed steps: the embedding and each layer's 6 requests
+    else:  # fwd0 gap fwd1 gap bwd1 gap bwd0 gap(next embedding)
+        assert rt.plan.layout[0] == ("fwd", 0) and len(rt.plan.layout) == 8
+        assert rt.plan.unplanned["outlives_iteration"]["requests"] == 1  # the embedding, to the fallback
+        assert s["served"] == 2 * 2 * 6
+
+
 def test_recompute_inside_backward_belongs_to_the_backward_window(core):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
