@@ -7,9 +7,9 @@
 # Parts:
 #   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
-#           allocators side by side (4 warm-up steps: the second is recorded and the third plans, or with
-#           planned-late the third and the fourth; 3 timed steps replay). Variants: caching expandable
-#           planned planned-late planned-check (check mode: the record lists lifetime breaks) planned-noside
+#           allocators side by side (4 warm-up steps: the third is recorded and the fourth plans, or with
+#           planned-early the second and the third; 3 timed steps replay). Variants: caching expandable
+#           planned planned-early planned-check (check mode: the record lists lifetime breaks) planned-noside
 #           (side streams' requests left to the fallback: memory.planner.side_streams=false) planned-caching
 #           (torch's caching allocator behind the plan: memory.planner.fallback=caching, the default) and
 #           planned-pool (memory.planner.fallback=pool); default the first three. A planned variant's saved
@@ -30,7 +30,7 @@ variant() {  # name -> overrides
     planned) echo "memory.planner.enabled=true memory.planner.time_limit_s=20" ;;
     planned-noside) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.side_streams=false" ;;
     planned-pool) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=pool" ;;
-    planned-late) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=2" ;;
+    planned-early) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=1" ;;
     planned-check) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.check=true" ;;
     planned-caching) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=caching" ;;
   esac
@@ -61,7 +61,7 @@ case "${1:-}" in
     B=$2; shift 2
     for vs in "$@"; do
       v=${vs%%:*}; S=${vs##*:}
-      timeout 170 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 2 \
+      timeout 230 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 3 \
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$S" --seq-max "$S" \
         --json "$OUT/planner_fits_${B}gib_${v}_$S.json" 2>&1 | filter | tee "$OUT/fits_${B}gib_${v}_$S.log" | tail -3
     done ;;
@@ -70,9 +70,9 @@ case "${1:-}" in
     B=$2; T=$3; shift 3
     for vsm in "$@"; do
       IFS=: read -r v S M <<< "$vsm"
-      timeout 560 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 2 \
+      timeout 560 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 3 \
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$T" \
-        --seq-max "$M" --attempt-timeout 150 --json "$OUT/planner_maxlen_${B}gib_$v.json" 2>&1 | filter \
+        --seq-max "$M" --attempt-timeout 200 --json "$OUT/planner_maxlen_${B}gib_$v.json" 2>&1 | filter \
         | tee "$OUT/maxlen_${B}gib_$v.log" | tail -6
     done ;;
   *)

@@ -47,7 +47,7 @@ def worker(planned: bool, out: str, fallback: str = "caching") -> None:
     if planned:
         from longtrain.memory.planner.runtime import PlanRuntime, attach_windows
 
-        rt = PlanRuntime(core, dev, check=True, time_limit_s=10)
+        rt = PlanRuntime(core, dev, check=True, time_limit_s=10, record_iteration=1)  # no ZeRO-3: steps 1 on repeat
         attach_windows(model.model.layers, rt, model=model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator(device=dev).manual_seed(0)

@@ -530,7 +530,8 @@ class _Layer(nn.Module):
 
 def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     layers = nn.ModuleList(_Layer(core) for _ in range(3))
-    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True, save_dir=str(tmp_path / "run"))
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True, save_dir=str(tmp_path / "run"),
+                     record_iteration=1)
     attach_windows(layers, rt)
 
     def step():
@@ -616,9 +617,9 @@ class _Net(nn.Module):
 @pytest.mark.parametrize("hook_model", [True, False])
 def test_the_models_forward_starts_the_iteration_so_the_embedding_is_planned(core, hook_model):
     net = _Net(core)
-    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True)
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True)  # records iteration 2
     attach_windows(net.layers, rt, model=net if hook_model else None)
-    for _ in range(4):
+    for _ in range(5):
         net(torch.ones(4, requires_grad=True)).sum().backward()
     assert rt.state == "replay"
     s = core.stats()
@@ -639,7 +640,7 @@ def test_recompute_inside_backward_belongs_to_the_backward_window(core):
 
     layers = nn.ModuleList(checkpoint_wrapper(_Layer(core), checkpoint_impl=CheckpointImpl.NO_REENTRANT)
                            for _ in range(2))
-    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True)
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True, record_iteration=1)
     attach_windows(layers, rt)
     for _ in range(3):
         x = torch.ones(4, requires_grad=True)
@@ -683,7 +684,7 @@ def test_planning_inside_the_forward_pins_no_activation(core, monkeypatch):
 
     monkeypatch.setattr(runtime, "plan_recorded_iteration", leaves_a_cycle)
     layers = nn.ModuleList(_Layer(core) for _ in range(2))
-    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1)
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, record_iteration=1)
     attach_windows(layers, rt)
     marks = []
 

@@ -13,8 +13,8 @@ How it works (docs/memory-planner.md, "The runtime"):
    forward and its backward are *windows* of the core: begin/end around the forward; the backward window
    opens when the layer's output gradient arrives and closes when its input gradient is made; what runs
    between two layer passes is a *gap* window.
-3. One training iteration (`record_iteration`, default the second: the first allocates gradients,
-   optimizer state and host buffers once) is recorded; at the start of the next one
+3. One training iteration (`record_iteration`, default the third: the first allocates gradients,
+   optimizer state and host buffers once, and under ZeRO-3 the second still differs) is recorded; at the start of the next one
    `plan_recorded_iteration` plans it on both levels (level 1: each layer pass's transients; level 2:
    the iteration, a block per layer pass plus the requests that cross windows), one region of level 2's
    peak is allocated, and every later iteration's window p replays plan p.
@@ -357,7 +357,7 @@ class PlanRuntime:
     iteration into the plans every later iteration replays."""
     core: Core
     device: torch.device
-    record_iteration: int = 1  # which iteration (0-based, grad-enabled forwards of the model) is recorded
+    record_iteration: int = 2  # which iteration (0-based, grad-enabled forwards of the model) is recorded
     time_limit_s: float = 60.0
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
