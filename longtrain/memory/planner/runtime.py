@@ -213,7 +213,7 @@ class IterationPlan:
     level1: dict[int, MemoryPlan]  # per layer-pass position: its transients
     level2: MemoryPlan | None  # the iteration: one block per layer pass + the requests that cross windows
     unplanned: dict = field(default_factory=dict)  # why requests were left to the fallback: cause -> counts
-    streams: list[list[int]] = field(default_factory=list)  # per window: each request's stream, -1: the window's
+    streams: list[list[int]] = field(default_factory=list)  # per window: the stream each request came on
     ghosts: list[list[bool]] = field(default_factory=list)  # per window: its free guards the bytes against other streams
 
     @property
@@ -234,8 +234,8 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     request placed over it makes its own stream wait for that stream's events (the core's stream-ordered
     reuse), so the plan's timeline is the program's order, not the copy engine's timing. A request made on
     another stream than its window's (ZeRO-3's parameter gathers, the swap's prefetch buffers) is planned
-    with that stream (`side_streams`; else the fallback serves it): at replay it must come on the same
-    stream, and where the plan gives bytes of one stream's tensor to another stream's later, the first
+    too (`side_streams`; else the fallback serves it). At replay every planned request must come on the
+    stream it was recorded on, and where the plan gives bytes of one stream's tensor to another stream's later, the first
     one's free leaves a ghost the second one's stream waits for (`ghosts`).
     Level 1: per layer pass, the requests it allocates and frees itself (its transients), on one plan;
     passes with the same requests share the solve. Level 2: the iteration, where every layer pass is one
@@ -307,13 +307,11 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
                 offsets[p][k], free_at[p][k] = block[p] + o, p
         for (p, k, fp, _), o in zip(crossing, level2.offsets[len(level1):]):
             offsets[p][k], free_at[p][k] = o, fp
+    # each request's stream as recorded: at replay it must come on the same one (the ghosts assume it)
     streams = [[-1] * len(x) for x in sizes]
-    on_stream_of = [[-1] * len(x) for x in sizes]  # each request's stream handle
-    for p, k, size, on_stream, *_, stream in blocks.values():
-        on_stream_of[p][k] = stream
-        if not on_stream:
-            streams[p][k] = stream
-    ghosts = _cross_stream_ghosts(sizes, offsets, on_stream_of)
+    for p, k, *_, stream in blocks.values():
+        streams[p][k] = stream
+    ghosts = _cross_stream_ghosts(sizes, offsets, streams)
     unplanned = {}
     for cause, (count, nbytes, edges) in sorted(left.items()):
         live = peak = 0
