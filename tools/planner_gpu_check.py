@@ -10,8 +10,9 @@ Steps 0-1 warm up and record; steps 2-4 replay; step 5 runs at another sequence 
 misses and falls back); step 6 is back at the first length (the plan serves again). The planned run
 must give the losses and gradients of the normal run (1e-6 relative), serve requests from the plan,
 refuse none, count misses only in step 5, and leave none of the swap's side-stream requests (its
-prefetch buffers) to the fallback (`memory.planner.side_streams`). `--fallback` picks what serves the requests the plan does
-not (`memory.planner.fallback`): CUDA's cudaMallocAsync pool or torch's caching allocator.
+prefetch buffers, where it makes them there) to the fallback (`memory.planner.side_streams`).
+`--fallback` picks what serves the requests the plan does not (`memory.planner.fallback`): CUDA's
+cudaMallocAsync pool or torch's caching allocator.
 """
 
 from __future__ import annotations

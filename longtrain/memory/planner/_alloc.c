@@ -608,7 +608,8 @@ static void *alloc_locked(size_t size, stream_t stream) {
             if (win.off) st[S_AFTER_MISS]++;
             else if (k >= p->n) { win.off = 1; st[S_MISS_LENGTH]++; }
             else if ((int64_t)size != p->size[k]) { win.off = 1; st[S_MISS_SIZE]++; }
-            else if (p->offset[k] >= 0 && stream != (p->stream[k] < 0 ? win.stream : (stream_t)(intptr_t)p->stream[k])) {
+            else if (p->offset[k] >= 0
+                     && stream != (p->stream[k] < 0 ? win.stream : (stream_t)(intptr_t)p->stream[k])) {
                 win.off = 1;
                 st[S_MISS_STREAM]++;
             }

@@ -12,17 +12,20 @@ How it works (docs/memory-planner.md, "The runtime"):
 2. `attach_windows` hooks every decoder layer (outermost, after the activation policy) so that its
    forward and its backward are *windows* of the core: begin/end around the forward; the backward window
    opens when the layer's output gradient arrives and closes when its input gradient is made; what runs
-   between two layer passes is a *gap* window.
+   between two layer passes is a *gap* window; with the model given, its forward starts each iteration
+   (with a gap window: the embedding).
 3. One training iteration (`record_iteration`, default the third: the first allocates gradients,
-   optimizer state and host buffers once, and under ZeRO-3 the second still differs) is recorded; at the start of the next one
-   `plan_recorded_iteration` plans it on both levels (level 1: each layer pass's transients; level 2:
-   the iteration, a block per layer pass plus the requests that cross windows), one region of level 2's
-   peak is allocated, and every later iteration's window p replays plan p.
+   optimizer state and host buffers once, and under ZeRO-3 the second still differs) is recorded; at the
+   start of the next one `plan_recorded_iteration` plans it on both levels (level 1: each layer pass's
+   transients; level 2: the iteration, a block per layer pass plus the requests that cross windows, side
+   streams' included), one region of level 2's peak is allocated, and every later iteration's window p
+   replays plan p.
 
 What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
 live planned block overlaps it; a request whose size, stream or position differs from the plan turns
 the plan off for the rest of its window (counted, warned once with the reason); memory another stream
-still reads is reused only in stream order (the new user's stream waits for that stream's events).
+still reads, or that another stream's tensor held, is reused only in stream order (the new user's stream
+waits for that stream's events).
 
 The fallback for everything not planned (`memory.planner.fallback`) is torch's own caching allocator,
 which the shim keeps behind the planned one (the default: measured on an H200, it reserved less and
@@ -214,7 +217,7 @@ class IterationPlan:
     level2: MemoryPlan | None  # the iteration: one block per layer pass + the requests that cross windows
     unplanned: dict = field(default_factory=dict)  # why requests were left to the fallback: cause -> counts
     streams: list[list[int]] = field(default_factory=list)  # per window: the stream each request came on
-    ghosts: list[list[bool]] = field(default_factory=list)  # per window: its free guards the bytes against other streams
+    ghosts: list[list[bool]] = field(default_factory=list)  # per window: its free guards the bytes from other streams
 
     @property
     def region_bytes(self) -> int:
@@ -235,8 +238,8 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     reuse), so the plan's timeline is the program's order, not the copy engine's timing. A request made on
     another stream than its window's (ZeRO-3's parameter gathers, the swap's prefetch buffers) is planned
     too (`side_streams`; else the fallback serves it). At replay every planned request must come on the
-    stream it was recorded on, and where the plan gives bytes of one stream's tensor to another stream's later, the first
-    one's free leaves a ghost the second one's stream waits for (`ghosts`).
+    stream it was recorded on, and where the plan gives the bytes of one stream's tensor to a later request
+    of another stream, the first one's free leaves a ghost the second one's stream waits for (`ghosts`).
     Level 1: per layer pass, the requests it allocates and frees itself (its transients), on one plan;
     passes with the same requests share the solve. Level 2: the iteration, where every layer pass is one
     block of its level-1 peak over its span and every other planned request (skeletal tensors kept for
@@ -360,6 +363,7 @@ class PlanRuntime:
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
+    model_hooked: bool = False  # attach_windows hooked the whole model: its forward starts each iteration
     iteration: int = -1
     state: str = "warmup"  # warmup -> recording -> replay (or off)
     plan: IterationPlan | None = None
@@ -381,8 +385,6 @@ class PlanRuntime:
             pass  # solve_plan keeps its greedy plan without PuLP
         if self.stream_of is None:
             self.stream_of = lambda: torch.cuda.current_stream(self.device).cuda_stream
-
-    model_hooked: bool = False  # attach_windows hooked the whole model: its forward starts each iteration
 
     def begin_iteration(self) -> None:
         """The model's forward starts (a training one): a new iteration, whose first window is a gap (the
@@ -439,10 +441,9 @@ class PlanRuntime:
             return
         finally:
             # The plan is made inside a forward hook (the model's, or layer 0's), with the model's frames on
-            # the stack. A library
-            # that catches an exception and keeps its traceback in a reference cycle (PuLP's first import
-            # probes optional solvers that way) pins those frames, and with them the activations they hold
-            # once they return (the layer outputs, the final norm's input and output): measured on an H200,
+            # the stack. A library that catches an exception and keeps its traceback in a reference cycle
+            # (PuLP's first import probes optional solvers that way) pins those frames, and with them the
+            # activations they hold once they return (the layer outputs, the final norm's input and output): measured on an H200,
             # 3 GiB held for good, their planned slots refused every iteration. Collect such cycles now.
             gc.collect()
         if not plan.region_bytes:
