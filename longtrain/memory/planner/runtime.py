@@ -443,8 +443,9 @@ class PlanRuntime:
             # The plan is made inside a forward hook (the model's, or layer 0's), with the model's frames on
             # the stack. A library that catches an exception and keeps its traceback in a reference cycle
             # (PuLP's first import probes optional solvers that way) pins those frames, and with them the
-            # activations they hold once they return (the layer outputs, the final norm's input and output): measured on an H200,
-            # 3 GiB held for good, their planned slots refused every iteration. Collect such cycles now.
+            # activations they hold once they return (the layer outputs, the final norm's input and output):
+            # measured on an H200, 3 GiB held for good, their planned slots refused every iteration. Collect
+            # such cycles now.
             gc.collect()
         if not plan.region_bytes:
             self._off()
