@@ -635,6 +635,72 @@ def test_the_models_forward_starts_the_iteration_so_the_embedding_is_planned(cor
         assert s["served"] == 2 * 2 * 6
 
 
+class _Gathered(torch.autograd.Function):
+    """A ZeRO-3-like layer: its weight is gathered into a buffer on a side stream (S2) in forward and again
+    in backward, next to a main-stream temporary; the buffers are freed inside the pass."""
+
+    @staticmethod
+    def forward(ctx, core, x):
+        ctx.core = core
+        g, t = core.malloc(2048, S2), core.malloc(1024, S1)
+        core.record_stream(g, S1)  # the main stream reads the gathered weight
+        core.free(t, S1)
+        core.free(g, S2)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        core = ctx.core
+        g = core.malloc(2048, S2)
+        core.record_stream(g, S1)
+        core.free(g, S2)
+        t = core.malloc(3072, S1)
+        core.free(t, S1)
+        return None, grad * 2
+
+
+class _GatheredLayer(nn.Module):
+    def __init__(self, core):
+        super().__init__()
+        self.core = core
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return _Gathered.apply(self.core, x) * self.w
+
+
+@pytest.mark.parametrize("side_streams", [True, False])
+def test_side_stream_gathers_are_planned_and_reused_in_stream_order(core, side_streams):
+    layers = nn.ModuleList(_GatheredLayer(core) for _ in range(3))
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True, record_iteration=1,
+                     side_streams=side_streams)
+    attach_windows(layers, rt)
+
+    def step():
+        x = torch.ones(4, requires_grad=True)
+        for m in layers:
+            x = m(x)
+        x.sum().backward()
+        core.lib.lt_host_complete_events()  # the device catches up between steps
+
+    for _ in range(4):
+        step()
+    s = core.stats()
+    assert (s["miss_size"], s["miss_stream"], s["refused_overlap"], s["check_lifetime"]) == (0, 0, 0, 0)
+    gathers = [(p, k) for p, ss in enumerate(rt.plan.streams) for k, x in enumerate(ss) if x == S2]
+    assert len(gathers) == 6  # one per layer pass
+    if side_streams:
+        assert rt.plan.unplanned == {} and all(rt.plan.offsets[p][k] >= 0 for p, k in gathers)
+        assert s["served"] == 2 * 6 * 2  # 2 replayed steps, 6 passes, a gather and a temporary each
+        # the plan gives a gather's bytes to main-stream temporaries (and back): both leave ghosts, and
+        # within a step (before the device catches up) the other stream waits for them
+        assert any(rt.plan.ghosts[p][k] for p, k in gathers) and s["cross_stream_waits"] > 0
+    else:
+        assert rt.plan.unplanned["side_stream"]["requests"] == 6
+        assert all(rt.plan.offsets[p][k] == -1 for p, k in gathers) and s["served"] == 2 * 6
+        assert s["cross_stream_waits"] == 0
+
+
 def test_recompute_inside_backward_belongs_to_the_backward_window(core):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
