@@ -5,12 +5,13 @@
 Runs itself twice in fresh processes (the allocator is chosen before CUDA starts): once with torch's
 caching allocator, once with the planned allocator (check mode). Each trains a debug-width Llama
 (float32, math kernel) whose layers mix the activation policies that use side streams and
-recomputation: layer 0 recomputes, layers 1-2 swap (alpha 0.5, chunked recompute), the last keeps.
+recomputation: layer 0 recomputes, layers 1-2 swap (alpha 0.5, chunked recompute), the last keeps; the
+MLP output projections of layers 0 and 3 gather their weight on a side stream as ZeRO-3 does.
 Steps 0-1 warm up and record; steps 2-4 replay; step 5 runs at another sequence length (the plan
 misses and falls back); step 6 is back at the first length (the plan serves again). The planned run
 must give the losses and gradients of the normal run (1e-6 relative), serve requests from the plan,
-refuse none, count misses only in step 5, and leave none of the swap's side-stream requests (its
-prefetch buffers, where it makes them there) to the fallback (`memory.planner.side_streams`).
+refuse none, count misses only in step 5, and plan the side stream's requests (the gathers and, where
+it makes them there, the swap's prefetch buffers: `memory.planner.side_streams`).
 `--fallback` picks what serves the requests the plan does not (`memory.planner.fallback`): CUDA's
 cudaMallocAsync pool or torch's caching allocator.
 """
@@ -28,6 +29,39 @@ from longtrain.config.schema import PLANNER_FALLBACKS
 SEQ, OTHER_SEQ, STEPS = 2048, 1536, 7
 
 
+def gather_on_side_stream(linear, stream) -> None:
+    """ZeRO-3's pattern on one linear layer: its weight is copied into a buffer made on a side stream (a
+    parameter gather) in forward, and again in backward; the main stream waits for the copy and marks the
+    buffer as used by it (`record_stream`), so the buffer's memory comes and goes on the side stream."""
+    import torch
+    import torch.nn.functional as F
+
+    def gather(weight):
+        main = torch.cuda.current_stream()
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            w = torch.empty_like(weight)
+            w.copy_(weight)
+        main.wait_stream(stream)
+        w.record_stream(main)
+        return w
+
+    class Gathered(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(x, weight)
+            return F.linear(x, gather(weight))
+
+        @staticmethod
+        def backward(ctx, g):
+            x, weight = ctx.saved_tensors
+            gx = g.matmul(gather(weight))
+            gw = g.reshape(-1, g.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+            return gx, gw
+
+    linear.forward = lambda x: Gathered.apply(x, linear.weight)
+
+
 def worker(planned: bool, out: str, fallback: str = "caching") -> None:
     import torch
 
@@ -42,6 +76,9 @@ def worker(planned: bool, out: str, fallback: str = "caching") -> None:
     dev = torch.device("cuda")
     args = model_args("debug", num_hidden_layers=4, hidden_size=512, intermediate_size=1536)
     model = build_model(args, device=dev, dtype=torch.float32, attention_kernel="math", seed=1)
+    side = torch.cuda.Stream(dev)
+    for i in (0, 3):  # a gather inside a recomputation (layer 0) and in a kept layer
+        gather_on_side_stream(model.model.layers[i].mlp.down_proj, side)
     apply_activation_checkpointing(model, [0])
     apply_activation_swap(model, {1: 0.5, 2: 0.5}, dev, chunk_tokens=512)
     rt = None
@@ -71,7 +108,7 @@ def worker(planned: bool, out: str, fallback: str = "caching") -> None:
                                                                      "miss_length", "miss_stream", "after_miss",
                                                                      "refused_overlap", "check_lifetime",
                                                                      "check_leaked", "reuse_waits",
-                                                                     "cross_stream_waits")}
+                                                                     "cross_stream_waits", "ghosts")}
             entry["state"] = rt.state
         rec["steps"].append(entry)
         torch.save(grads, f"{out}.step{step}.pt")
@@ -79,6 +116,9 @@ def worker(planned: bool, out: str, fallback: str = "caching") -> None:
         rec["summary"] = rt.summary()
         rec["stats"] = core.stats()
         rec["unplanned"] = rt.plan.unplanned if rt.plan else None
+        main = torch.cuda.current_stream(dev).cuda_stream
+        rec["side_stream_planned"] = sum(o >= 0 and x != main for offs, ss in zip(rt.plan.offsets, rt.plan.streams)
+                                         for o, x in zip(offs, ss)) if rt.plan else 0
     with open(out, "w") as f:
         json.dump(rec, f)
 
@@ -107,6 +147,8 @@ def compare(ref_path: str, got_path: str) -> dict:
             problems.append(f"step {step}: the plan's lifetimes were not kept: {p}")
     if got.get("unplanned") and "side_stream" in got["unplanned"]:  # memory.planner.side_streams' default
         problems.append(f"side-stream requests were left to the fallback: {got['unplanned']}")
+    if not got.get("side_stream_planned"):
+        problems.append("no side-stream request was planned: the gathers went to the fallback")
     if worst > 1e-6:
         problems.append(f"gradients differ: worst relative error {worst:.3g}")
     return {"worst_grad_rel_err": worst, "problems": problems, "planned": got}
@@ -135,6 +177,7 @@ def main() -> int:
     for i, s in enumerate(res["planned"]["steps"]):
         print(f"step {i} seq {s['seq']} loss {s['loss']:.6f} state {s['state']} plan {s['plan']}")
     print(res["planned"].get("summary", ""))
+    print(f"side-stream requests planned: {res['planned'].get('side_stream_planned')}")
     print(f"worst gradient relative error {res['worst_grad_rel_err']:.3g}")
     print("OK" if not res["problems"] else "PROBLEMS:\n" + "\n".join(res["problems"]))
     if a.json:
