@@ -593,6 +593,8 @@ class _Embed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, core, x):
         ctx.core, ctx.block = core, core.malloc(256, S1)
+        if not ctx.needs_input_grad[1]:  # evaluation: nothing kept for a backward
+            core.free(ctx.block, S1)
         return x * 1
 
     @staticmethod
@@ -621,7 +623,7 @@ def test_the_models_forward_starts_the_iteration_so_the_embedding_is_planned(cor
     attach_windows(net.layers, rt, model=net if hook_model else None)
     for _ in range(5):
         net(torch.ones(4, requires_grad=True)).sum().backward()
-    assert rt.state == "replay"
+    assert rt.state == "replay" and rt.iteration == 4
     s = core.stats()
     assert (s["miss_size"], s["miss_length"], s["refused_overlap"], s["check_lifetime"]) == (0, 0, 0, 0)
     if hook_model:  # gap(embedding) fwd0 gap fwd1 gap bwd1 gap bwd0 gap
@@ -633,6 +635,10 @@ def test_the_models_forward_starts_the_iteration_so_the_embedding_is_planned(cor
         assert rt.plan.layout[0] == ("fwd", 0) and len(rt.plan.layout) == 8
         assert rt.plan.unplanned["outlives_iteration"]["requests"] == 1  # the embedding, to the fallback
         assert s["served"] == 2 * 2 * 6
+    windows = s["windows"]
+    with torch.no_grad():  # an evaluation forward: no iteration, no window
+        net(torch.ones(4))
+    assert rt.iteration == 4 and core.stats()["windows"] == windows
 
 
 class _Gathered(torch.autograd.Function):
