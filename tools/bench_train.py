@@ -345,8 +345,18 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     time_copies = cuda and streams is not None
     profiled = cuda if profiled is None else profiled
     recs, copies = [], []
+    held = ballast.numel() if ballast is not None else 0
+
+    def gpu_peaks() -> tuple[float, float]:
+        return (((torch.cuda.max_memory_allocated(mesh.device) - held) / 2**30,
+                 (torch.cuda.max_memory_reserved(mesh.device) - held) / 2**30) if cuda else (-1.0, -1.0))
+
+    warm_peaks = (-1.0, -1.0)
     for i in range(warmup + steps):
         timed = i >= warmup
+        if cuda and i == warmup:  # the timed steps' own peaks (an allocator's steady state), then the run's
+            warm_peaks = gpu_peaks()
+            torch.cuda.reset_peak_memory_stats(mesh.device)
         if time_copies:
             streams.reset_stats()
             streams.timing = timed
@@ -358,9 +368,8 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
                 copies.append({"d2h_s": d2h_s, "h2d_s": h2d_s, "d2h_bytes": streams.stats.d2h_bytes,
                                "h2d_bytes": streams.stats.h2d_bytes})
     # read before the profiled step: the profiler's own host memory is not the recipe's
-    held = ballast.numel() if ballast is not None else 0
-    peaks = (((torch.cuda.max_memory_allocated(mesh.device) - held) / 2**30,
-              (torch.cuda.max_memory_reserved(mesh.device) - held) / 2**30) if cuda else (-1.0, -1.0))
+    timed_peaks = gpu_peaks()
+    peaks = tuple(max(w, t) for w, t in zip(warm_peaks, timed_peaks))
     plan_rt = getattr(trainer.model, "plan_runtime", None) if mesh.is_main else None  # rank 0 reports
     planner = None if plan_rt is None else {"state": plan_rt.state, "summary": plan_rt.summary(),
                                             "at_plan": plan_rt.at_plan, "refusals": plan_rt.refusal_report(),
@@ -369,7 +378,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
                                             **plan_rt.core.stats()}
     mem = torch.tensor([peaks[0], peaks[1],
                         streams.stats.host_bytes_pinned / 2**30 if streams is not None else 0.0,
-                        host_peak_rss_gib()], dtype=torch.float64, device=mesh.device)
+                        host_peak_rss_gib(), timed_peaks[0], timed_peaks[1]], dtype=torch.float64, device=mesh.device)
     snapshot_file = None
     if memory_snapshot:  # beyond train.steps, like the profiled step; not timed: recording slows the host
         snapshot_file = record_snapshot_step(trainer, memory_snapshot, mesh.rank)
@@ -408,6 +417,9 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         "mfu_note": None if cuda else "CPU: no peak FLOP rate to compare with (datasheet or measured matmul)",
         "peak_mem_allocated_gib": mem[0].item() if cuda else None,
         "peak_mem_reserved_gib": mem[1].item() if cuda else None,
+        # the timed steps only (peaks reset after the warm-up): what an allocator holds once it is warm
+        "timed_mem_allocated_gib": mem[4].item() if cuda else None,
+        "timed_mem_reserved_gib": mem[5].item() if cuda else None,
         "swap_host_gib": mem[2].item(), "host_peak_rss_gib": mem[3].item(),
         "time_split": split,
         "not_measured": [k for k in SPLIT_KEYS if k not in split],
@@ -470,6 +482,8 @@ def print_record(r: dict) -> None:
         f"  MFU (measured)      {mfu_m}",
         f"  peak GPU memory     allocated {_gib(r['peak_mem_allocated_gib'])}, "
         f"reserved {_gib(r['peak_mem_reserved_gib'])}"
+        + (f"; timed steps only: allocated {_gib(r['timed_mem_allocated_gib'])}, "
+           f"reserved {_gib(r['timed_mem_reserved_gib'])}" if r.get("timed_mem_reserved_gib") is not None else "")
         + (f" (a budget of {r['gpu_budget_gib']:g} GiB: a ballast holds the rest)" if r.get("gpu_budget_gib") else ""),
         f"  host memory         swap pool {_gib(r['swap_host_gib'])}, peak RSS {_gib(r['host_peak_rss_gib'])}",
         f"  time split          step {1e3 * split['step_s']:.1f} ms (median){copies}{missing}",

@@ -170,7 +170,8 @@ def test_cpu_smoke_run_writes_a_complete_record(tmp_path):
     assert rec["tokens_per_s"] == pytest.approx(4 * 128 / rec["step_time_s"], rel=1e-9)
     assert rec["tflops_per_device"] > 0 and rec["time_split"]["step_s"] == rec["step_time_s"]
     # no MFU basis and no GPU memory on CPU: null, with the reason
-    for k in ("mfu", "mfu_measured", "matmul_tflops", "peak_tflops", "peak_mem_allocated_gib", "peak_mem_reserved_gib"):
+    for k in ("mfu", "mfu_measured", "matmul_tflops", "peak_tflops", "peak_mem_allocated_gib", "peak_mem_reserved_gib",
+              "timed_mem_allocated_gib", "timed_mem_reserved_gib"):
         assert rec[k] is None, k
     assert "CPU" in rec["mfu_note"]
     assert rec["host_peak_rss_gib"] > 0.05 and rec["swap_host_gib"] == 0.0
