@@ -82,6 +82,9 @@ class Trainer:
                                  attention_kernel=t.attention_kernel, pretrained=m.pretrained,
                                  init_std=m.init_std, seed=t.seed)
         parallelize_model(self.model, cfg, mesh)
+        self.plan_runtime = getattr(self.model, "plan_runtime", None)  # memory.planner.enabled on CUDA
+        if self.plan_runtime is not None:  # one planned iteration = one optimizer step (all its micro-steps)
+            self.plan_runtime.iterations = "step"
         self.mode = build_mode(cfg, mesh)
         self.stages = resolve_stages(cfg)
         self.stage_ends = list(itertools.accumulate(s.steps for s in self.stages))
@@ -194,6 +197,8 @@ class Trainer:
     def train_step(self) -> dict:
         t, mesh = self.cfg.train, self.mesh
         t0 = time.perf_counter()
+        if self.plan_runtime is not None:
+            self.plan_runtime.begin_iteration()
         batches = self._micro_batches()
         n_tok = sum((b["labels"] != -100).sum() for b in batches).to(torch.float64)
         global_tokens = all_reduce_sum(n_tok.clone(), mesh).item()

@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -639,6 +640,78 @@ def test_the_models_forward_starts_the_iteration_so_the_embedding_is_planned(cor
     with torch.no_grad():  # an evaluation forward: no iteration, no window
         net(torch.ones(4))
     assert rt.iteration == 4 and core.stats()["windows"] == windows
+
+
+@pytest.mark.parametrize("iterations", ["step", "model"])
+def test_with_gradient_accumulation_an_iteration_is_the_trainers_step(core, iterations):
+    """Two micro-steps per optimizer step, the step's own request after the last one (as an optimizer
+    makes): when the trainer's step starts the iteration (the trainer sets "step"), every iteration
+    repeats and is served whole; when each forward does, the micro-steps differ and the plan misses."""
+    net = _Net(core)
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1)
+    attach_windows(net.layers, rt, model=net)
+    assert rt.iterations == "model"
+    rt.iterations = iterations
+    for _ in range(6):
+        if iterations == "step":
+            rt.begin_iteration()
+        for _micro in range(2):
+            net(torch.ones(4, requires_grad=True)).sum().backward()
+        core.free(core.malloc(4096, S1), S1)  # the optimizer step
+    s = core.stats()
+    assert rt.state == "replay" and s["refused_overlap"] == 0
+    if iterations == "step":
+        assert rt.iteration == 5 and len(rt.plan.layout) == 1 + 2 * 8  # a gap, then each micro-step's 8 windows
+        assert (s["miss_size"], s["miss_length"]) == (0, 0)
+        assert s["served"] == 3 * (2 * (1 + 2 * 6) + 1)  # steps 3-5 replayed whole, the step's request too
+    else:
+        assert rt.iteration == 11 and s["miss_length"] > 0  # the optimizer's request after every other forward
+
+
+_TRAINER_SCRIPT = r"""
+import sys
+import torch
+from longtrain.config import load_config
+from longtrain.memory.planner.runtime import PlanRuntime, attach_windows, host_core
+from longtrain.parallel import init_mesh, parallelize
+from longtrain.train.trainer import Trainer
+
+def attach(model, cfg, device, rank=0):  # what apply_memory_plan does on CUDA, with a host core
+    model.plan_runtime = PlanRuntime(host_core(), device, stream_of=lambda: 1)
+    attach_windows(model.model.layers, model.plan_runtime, model=model)
+    return model
+
+parallelize.apply_memory_plan = attach
+cfg = load_config("debug", ["parallel.engine=torch", "memory.planner.enabled=true", "train.steps=3",
+                            "checkpoint.resume=null", "logging.wandb.mode=disabled",
+                            "train.output_dir=" + sys.argv[1]])
+mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s, need_group=False)
+tr = Trainer(cfg, mesh)
+tr.begin_stage(0)
+forwards = []
+tr.model.register_forward_pre_hook(lambda *a: forwards.append(1))
+for _ in range(3):
+    tr.train_step()
+rt = tr.model.plan_runtime
+print("RESULT", cfg.train.grad_accum, len(forwards), rt.iterations, rt.iteration, rt.state)
+"""
+
+
+def test_the_trainers_step_starts_the_planned_iteration(tmp_path):
+    """With the planner on, the trainer's step, not each forward, starts an iteration: under the debug
+    recipe's gradient accumulation (2 micro-steps) three steps are iterations 0-2 and the third is
+    recorded. The planned allocator needs CUDA; a host core stands in (CPU tensors ask it for nothing:
+    what is tested is who starts the iterations)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _TRAINER_SCRIPT, str(tmp_path / "run")], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
+    assert line.split()[1:] == ["2", "6", "step", "2", "recording"]
 
 
 class _Gathered(torch.autograd.Function):

@@ -363,7 +363,10 @@ class PlanRuntime:
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
-    model_hooked: bool = False  # attach_windows hooked the whole model: its forward starts each iteration
+    # what starts an iteration: "layer0" (layer 0's forward), "model" (the model's forward: attach_windows
+    # with the model), "step" (the trainer's step, which calls begin_iteration: with gradient accumulation
+    # an iteration is every micro-step of one optimizer step, so every iteration repeats)
+    iterations: str = "layer0"
     iteration: int = -1
     state: str = "warmup"  # warmup -> recording -> replay (or off)
     plan: IterationPlan | None = None
@@ -387,13 +390,15 @@ class PlanRuntime:
             self.stream_of = lambda: torch.cuda.current_stream(self.device).cuda_stream
 
     def begin_iteration(self) -> None:
-        """The model's forward starts (a training one): a new iteration, whose first window is a gap (the
-        embedding runs there), so what the model allocates before its first layer belongs to it."""
+        """A new iteration (the model's forward or the trainer's step starts), whose first window is a gap,
+        so what runs before the first layer (the batch, the embedding) belongs to it."""
+        if self.state == "off":
+            return
         self._next_iteration()
         self._open(("gap", -1))
 
     def begin(self, layer: int, kind: str) -> None:
-        if kind == "fwd" and layer == 0 and not self.model_hooked:
+        if kind == "fwd" and layer == 0 and self.iterations == "layer0":
             self._next_iteration()
         self._open((kind, layer))
         self.open_window = (kind, layer)
@@ -589,15 +594,17 @@ def attach_windows(layers: nn.ModuleList, runtime: PlanRuntime, model: nn.Module
     no window at all.
 
     With `model` (the module whose forward is one training forward), each of its forwards starts an
-    iteration (a hook that runs before any other of its pre-forward hooks, ZeRO-3's gathers included);
-    without it, layer 0's forward does, and what runs before it (the embedding, whose output layer 0
-    reads) belongs to the previous iteration: it outlives that one and the fallback serves it (measured:
-    1 GiB at 128K tokens of the 8B shape)."""
+    iteration (a hook that runs before any other of its pre-forward hooks, ZeRO-3's gathers included),
+    unless the trainer's steps do (`runtime.iterations == "step"`); without it, layer 0's forward does,
+    and what runs before it (the embedding, whose output layer 0 reads) belongs to the previous iteration:
+    it outlives that one and the fallback serves it (measured: 1 GiB at 128K tokens of the 8B shape)."""
     if model is not None:
-        runtime.model_hooked = True
+        if runtime.iterations == "layer0":
+            runtime.iterations = "model"
 
         def start(_mod, _args):
-            if torch.is_grad_enabled() and runtime.state != "off" and not _in_backward():
+            if (runtime.iterations == "model" and torch.is_grad_enabled() and runtime.state != "off"
+                    and not _in_backward()):
                 runtime.begin_iteration()
 
         model.register_forward_pre_hook(start, prepend=True)
