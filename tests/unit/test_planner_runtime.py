@@ -243,9 +243,10 @@ def test_a_held_slot_is_refused_before_any_cross_stream_wait_is_queued(core):
     a = core.malloc(1024, S1)
     b = core.malloc(1024, S1)
     core.free(a, S1)  # a's ghost; b is still held
-    d = core.malloc(2048, S2)
+    d = core.malloc(2048, S2)  # over a's ghost and b, which the program still holds
     assert not base <= d < base + 2048 and core.stats()["refused_overlap"] == 1 and _waits(core)[0] == 0
-    assert b
+    assert core.refusals()[-1][3:] == (0, 1, 0)  # in the way: plan 0's request 1 (b), held
+    core.free(b, S1)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -529,6 +530,14 @@ class _Layer(nn.Module):
         return _Requests.apply(self.core, self.scale, x, self.hold) * self.w
 
 
+def _forward_backward(layers) -> None:
+    """One training step through a stack of fake layers: forward, then backward."""
+    x = torch.ones(4, requires_grad=True)
+    for m in layers:
+        x = m(x)
+    x.sum().backward()
+
+
 def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     layers = nn.ModuleList(_Layer(core) for _ in range(3))
     rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True, save_dir=str(tmp_path / "run"),
@@ -536,10 +545,7 @@ def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     attach_windows(layers, rt)
 
     def step():
-        x = torch.ones(4, requires_grad=True)
-        for m in layers:
-            x = m(x)
-        x.sum().backward()
+        _forward_backward(layers)
 
     step()  # warmup
     assert rt.state == "warmup"
@@ -756,10 +762,7 @@ def test_side_stream_gathers_are_planned_and_reused_in_stream_order(core, side_s
     attach_windows(layers, rt)
 
     def step():
-        x = torch.ones(4, requires_grad=True)
-        for m in layers:
-            x = m(x)
-        x.sum().backward()
+        _forward_backward(layers)
         core.lib.lt_host_complete_events()  # the device catches up between steps
 
     for _ in range(4):
