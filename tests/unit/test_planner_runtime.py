@@ -544,13 +544,10 @@ def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
                      record_iteration=1)
     attach_windows(layers, rt)
 
-    def step():
-        _forward_backward(layers)
-
-    step()  # warmup
+    _forward_backward(layers)  # warmup
     assert rt.state == "warmup"
-    step()  # recorded
-    step()  # plans made at its start, replayed
+    _forward_backward(layers)  # recorded
+    _forward_backward(layers)  # plans made at its start, replayed
     assert rt.state == "replay"
     # windows: fwd0 gap fwd1 gap fwd2 gap bwd2 gap bwd1 gap bwd0 gap
     assert rt.plan.layout == [("fwd", 0), ("gap", -1), ("fwd", 1), ("gap", -1), ("fwd", 2), ("gap", -1),
@@ -567,7 +564,7 @@ def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     saved = MemoryPlan.from_json(tmp_path / "run" / "memory_plan_runtime_rank0_level2.json")  # what --png draws
     assert saved.offsets == rt.plan.level2.offsets and len(rt.saved) == 2
     layers[1].hold = True  # a tensor outlives its recorded lifetime: its slot is refused to later requests
-    step()
+    _forward_backward(layers)
     layers[1].hold = False
     s1 = core.stats()
     assert s1["refused_overlap"] > 0 and s1["check_lifetime"] == 1 and s1["check_leaked"] == 1
@@ -577,7 +574,7 @@ def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     assert rt.lifetime_report() == [{"count": 1, "request": {"window": "2:fwd1", "k": 2, "size": 2048},
                                      "planned_free": "2:fwd1", "freed_in": "8:bwd1"}]  # held to its backward
     assert s1["allocated"] == 0  # the refused requests came from the fallback and went back
-    step()
+    _forward_backward(layers)
     s = core.stats()
     assert s["refused_overlap"] == s1["refused_overlap"]  # lifetimes as recorded again: no refusal
     with torch.no_grad():  # eval: no windows, nothing planned
@@ -585,8 +582,8 @@ def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     for m in layers:
         m.scale = 2  # a longer sequence: every size changes
     with caplog.at_level(logging.WARNING):
-        step()
-        step()
+        _forward_backward(layers)
+        _forward_backward(layers)
     s2 = core.stats()
     assert s2["miss_size"] == 12 and s2["served"] == s["served"]  # 6 layer passes x 2 steps, none served
     assert "size differs from the plan" in caplog.text

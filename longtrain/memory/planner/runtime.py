@@ -762,7 +762,6 @@ def _cudart_path() -> str:
     raise RuntimeError("the CUDA runtime library (libcudart) is not loaded by this torch")
 
 
-FALLBACKS = PLANNER_FALLBACKS
 
 
 def install_cuda_allocator(device_index: int = 0, fallback: str = "caching") -> Core:
@@ -773,8 +772,8 @@ def install_cuda_allocator(device_index: int = 0, fallback: str = "caching") -> 
     allocator, in the mode PYTORCH_CUDA_ALLOC_CONF sets (`memory.allocator`), so the warm-up and everything
     unplanned are placed as in a run without the plan."""
     global _ACTIVE
-    if fallback not in FALLBACKS:
-        raise ValueError(f"memory.planner.fallback={fallback!r}: use one of {', '.join(FALLBACKS)}")
+    if fallback not in PLANNER_FALLBACKS:
+        raise ValueError(f"memory.planner.fallback={fallback!r}: use one of {', '.join(PLANNER_FALLBACKS)}")
     if _ACTIVE is not None:
         return _ACTIVE
     if torch.cuda.is_initialized():
@@ -798,5 +797,5 @@ def active_core() -> Core | None:
     return _ACTIVE
 
 
-__all__ = ["FALLBACKS", "Core", "IterationPlan", "PlanRuntime", "active_core", "attach_windows", "build_core",
+__all__ = ["Core", "IterationPlan", "PlanRuntime", "active_core", "attach_windows", "build_core",
            "host_core", "install_cuda_allocator", "plan_recorded_iteration"]
