@@ -963,3 +963,87 @@ def test_planner_fallback_setting_reaches_the_installer(monkeypatch):
     from longtrain.memory.planner.runtime import install_cuda_allocator
     with pytest.raises(ValueError, match="memory.planner.fallback='native'"):
         install_cuda_allocator(0, fallback="native")
+
+
+class _TunedLayer(_Layer):
+    """A layer whose first forward also takes a large workspace for a moment (an autotuner's first call)
+    and a buffer it keeps for good: the warm-up needs more memory than any later iteration."""
+
+    def __init__(self, core, workspace=1 << 16):
+        super().__init__(core)
+        self.workspace, self.buffer = workspace, None
+
+    def forward(self, x):
+        if self.buffer is None:
+            w = self.core.malloc(self.workspace, S1)
+            if not w:
+                raise MemoryError(f"{self.workspace} bytes")
+            self.core.free(w, S1)
+            self.buffer = self.core.malloc(256, S1)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("before_plan", ["fallback", "managed"])
+def test_managed_memory_before_the_plan_lets_a_run_fit_where_its_plan_fits(core, before_plan):
+    """memory.planner.before_plan=managed: the windows of the iterations before the plan go to managed
+    memory (on the host backend: malloc past the device's limit), so a warm-up that needs more than the
+    device holds still runs; the plan then serves from a region that fits, and what managed memory still
+    holds is freed there. With the fallback the same warm-up runs out of memory."""
+    layers = nn.ModuleList(_TunedLayer(core) for _ in range(3))
+    region = 9216 + 3 * 512  # the plan's peak (see test_runtime_records_then_replays_both_levels)
+    core.lib.lt_host_limit(region + 1024)  # the "device": the plan's region and a 1 KiB ballast
+    ballast = core.malloc(1024, S1)  # outside any window: device memory from the fallback, even now
+    assert ballast and core.stats()["fallback_no_plan"] == 1024
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, record_iteration=1, before_plan=before_plan)
+    attach_windows(layers, rt)
+    if before_plan == "fallback":
+        with pytest.raises(MemoryError, match="65536 bytes"):  # the warm-up alone does not fit
+            _forward_backward(layers)
+        return
+    _forward_backward(layers)  # warm-up: the workspaces and buffers in managed memory
+    s = core.stats()
+    assert s["fallback_no_plan"] == 1024 and s["before_plan"] == 3 * 256  # the buffers; the rest came back
+    # the peak: layer 2's workspace, with layers 0-1's saved blocks and buffers live
+    assert s["before_plan_peak"] == (1 << 16) + 2 * 512 + 2 * 256
+    assert s["before_plan_reserved_peak"] == s["before_plan_peak"]
+    _forward_backward(layers)  # recorded
+    _forward_backward(layers)  # planned at its start (the managed memory handed back), then replayed
+    s = core.stats()
+    assert rt.state == "replay" and s["region"] == region and rt.at_plan["before_plan_held"] == 3 * 256
+    assert s["served"] == 3 * 6 and s["refused_overlap"] == s["miss_size"] == 0
+    fallback_before = s["fallback"]
+    _forward_backward(layers)  # no request leaves the plan: neither managed memory nor the fallback
+    s = core.stats()
+    assert s["served"] == 2 * 3 * 6 and s["fallback"] == fallback_before and s["before_plan"] == 3 * 256
+    for m in layers:  # the buffers go back where they came from, not to the fallback
+        core.free(m.buffer, S1)
+    core.free(ballast, S1)
+    s = core.stats()
+    assert s["before_plan"] == 0 and s["fallback_no_plan"] == 0 and s["allocated"] == 0
+
+
+def test_managed_memory_unavailable_warns_once_and_the_fallback_serves(caplog):
+    """A core without a backend (or a CUDA runtime before 13, without managed pools) cannot serve
+    before_plan=managed: one warning naming the setting, and the run goes on with the fallback."""
+    import tempfile
+
+    from longtrain.memory.planner.runtime import Core, build_core
+
+    fd, path = tempfile.mkstemp(suffix=".so")
+    os.close(fd)
+    Path(path).write_bytes(build_core().read_bytes())
+    bare = Core(path)  # a private copy, never initialised
+    os.unlink(path)
+    with caplog.at_level(logging.WARNING):
+        rt = PlanRuntime(bare, torch.device("cpu"), stream_of=lambda: S1, before_plan="managed")
+    assert rt.before_plan == "fallback"
+    assert caplog.text.count("memory.planner.before_plan=managed") == 1 and "fallback allocator" in caplog.text
+
+
+def test_before_plan_setting_is_checked_by_name():
+    from longtrain.config import ConfigError, load_config
+
+    assert load_config("debug", []).memory.planner.before_plan == "fallback"
+    assert load_config("debug", ["memory.planner.before_plan=managed"]).memory.planner.before_plan == "managed"
+    with pytest.raises(ConfigError, match="memory.planner.before_plan.*unified"):
+        load_config("debug", ["memory.planner.before_plan=unified"])
