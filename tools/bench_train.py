@@ -493,10 +493,7 @@ def print_record(r: dict) -> None:
             f"  memory plan         {r['planner']['state']}: {r['planner']['summary']}; requests served from the "
             f"plan {r['planner']['served']:,}, by the fallback {r['planner']['fallback']:,}, misses "
             f"{r['planner']['miss_size'] + r['planner']['miss_length'] + r['planner']['miss_stream']}, refused "
-            f"{r['planner']['refused_overlap']}"
-            + (f"; managed memory before the plan: up to {_gib(r['planner']['at_plan']['before_plan_peak'] / 2**30)}"
-               f" held, its pool reserved {_gib(r['planner']['at_plan']['before_plan_reserved_peak'] / 2**30)}"
-               if r['planner']['at_plan'].get('before_plan_peak') else "")]),
+            f"{r['planner']['refused_overlap']}"]),
     ]), flush=True)
 
 

@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
 # Issue 6 on one H200 (kind nvidia-h200): the planned allocator against torch's caching allocator and
 # expandable segments, in the same training steps. JSON and logs under $OUT.
-#   . .whl/env.sh && bash tools/gpu_planner.sh check [fallback[:managed]...] | side [variants] | fits BUDGET V:SEQ... | maxlen BUDGET STEP V:START:CAP...
+#   . .whl/env.sh && bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen BUDGET STEP V:START:CAP...
 # The device tool brings back at most 8 files: run a part with OUT set to a scratch folder and pack it, e.g.
 #   R=$OUT; OUT=/tmp/res timeout 560 bash tools/gpu_planner.sh side; tar czf $R/res.tgz -C /tmp/res .
 # Parts:
 #   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
-#           (per fallback; FALLBACK:managed serves the iterations before the plan from managed memory)
 #   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
 #           allocators side by side (4 warm-up steps: the third is recorded and the fourth plans, or with
 #           planned-early the second and the third; 3 timed steps replay). Variants: caching expandable
 #           planned planned-early planned-check (check mode: the record lists lifetime breaks) planned-noside
 #           (side streams' requests left to the fallback: memory.planner.side_streams=false) planned-caching
 #           (torch's caching allocator behind the plan: memory.planner.fallback=caching, the default) and
-#           planned-pool (memory.planner.fallback=pool) planned-managed (the iterations before the plan in
-#           managed memory: memory.planner.before_plan=managed); default the first three. A planned variant's saved
+#           planned-pool (memory.planner.fallback=pool); default the first three. A planned variant's saved
 #           plans (JSON) and their pictures land in $OUT too, level 2 beside the caching run's snapshot of one
 #           step (bench_train --memory-snapshot) when caching ran first
 #   fits    within a GPU budget (GiB; a ballast takes the rest), one attempt per allocator:length pair
@@ -35,17 +33,15 @@ variant() {  # name -> overrides
     planned-early) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=1" ;;
     planned-check) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.check=true" ;;
     planned-caching) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=caching" ;;
-    planned-managed) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.before_plan=managed" ;;
   esac
 }
 case "${1:-}" in
   check)  # both fallbacks (or those named); fails if any does
     rc=0
-    for fbm in ${2:-pool caching}; do
-      fb=${fbm%%:*}; bp=fallback; [ "$fbm" != "$fb" ] && bp=${fbm##*:}; n=${fbm/:/_}
-      python3 tools/planner_gpu_check.py --out /tmp/planner_check_$n --fallback $fb --before-plan $bp \
-        --json "$OUT/planner_check_$n.json" > "$OUT/planner_check_$n.raw" 2>&1 || rc=1
-      filter < "$OUT/planner_check_$n.raw" | tee "$OUT/planner_check_$n.log" | tail -12
+    for fb in ${2:-pool caching}; do
+      python3 tools/planner_gpu_check.py --out /tmp/planner_check_$fb --fallback $fb \
+        --json "$OUT/planner_check_$fb.json" > "$OUT/planner_check_$fb.raw" 2>&1 || rc=1
+      filter < "$OUT/planner_check_$fb.raw" | tee "$OUT/planner_check_$fb.log" | tail -12
     done
     exit $rc ;;
   side)
@@ -65,7 +61,7 @@ case "${1:-}" in
     B=$2; shift 2
     for vs in "$@"; do
       v=${vs%%:*}; S=${vs##*:}
-      timeout ${FITS_TIMEOUT:-230} python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 3 \
+      timeout 230 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 3 \
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$S" --seq-max "$S" \
         --json "$OUT/planner_fits_${B}gib_${v}_$S.json" 2>&1 | filter | tee "$OUT/fits_${B}gib_${v}_$S.log" | tail -3
     done ;;

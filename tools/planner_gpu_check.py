@@ -13,9 +13,7 @@ must give the losses and gradients of the normal run (1e-6 relative), serve requ
 refuse none, count misses only in step 5, and plan the side stream's requests (the gathers and, where
 it makes them there, the swap's prefetch buffers: `memory.planner.side_streams`).
 `--fallback` picks what serves the requests the plan does not (`memory.planner.fallback`): CUDA's
-cudaMallocAsync pool or torch's caching allocator. `--before-plan managed` serves the iterations before
-the plan from CUDA managed memory (`memory.planner.before_plan`): it must have served them, and the
-numbers must not change.
+cudaMallocAsync pool or torch's caching allocator.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import os
 import subprocess
 import sys
 
-from longtrain.config.schema import PLANNER_BEFORE_PLAN, PLANNER_FALLBACKS
+from longtrain.config.schema import PLANNER_FALLBACKS
 
 SEQ, OTHER_SEQ, STEPS = 2048, 1536, 7
 
@@ -64,7 +62,7 @@ def gather_on_side_stream(linear, stream) -> None:
     linear.forward = lambda x: Gathered.apply(x, linear.weight)
 
 
-def worker(planned: bool, out: str, fallback: str = "caching", before_plan: str = "fallback") -> None:
+def worker(planned: bool, out: str, fallback: str = "caching") -> None:
     import torch
 
     if planned:
@@ -87,8 +85,7 @@ def worker(planned: bool, out: str, fallback: str = "caching", before_plan: str 
     if planned:
         from longtrain.memory.planner.runtime import PlanRuntime, attach_windows
 
-        rt = PlanRuntime(core, dev, check=True, time_limit_s=10, record_iteration=1,  # no ZeRO-3: steps 1 on repeat
-                         before_plan=before_plan)
+        rt = PlanRuntime(core, dev, check=True, time_limit_s=10, record_iteration=1)  # no ZeRO-3: steps 1 on repeat
         attach_windows(model.model.layers, rt, model=model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -117,8 +114,6 @@ def worker(planned: bool, out: str, fallback: str = "caching", before_plan: str 
         torch.save(grads, f"{out}.step{step}.pt")
     if rt:
         rec["summary"] = rt.summary()
-        rec["before_plan"] = rt.before_plan
-        rec["at_plan"] = rt.at_plan
         rec["stats"] = core.stats()
         rec["unplanned"] = rt.plan.unplanned if rt.plan else None
         main = torch.cuda.current_stream(dev).cuda_stream
@@ -128,11 +123,10 @@ def worker(planned: bool, out: str, fallback: str = "caching", before_plan: str 
         json.dump(rec, f)
 
 
-def compare(ref_path: str, got_path: str, before_plan: str = "fallback") -> dict:
+def compare(ref_path: str, got_path: str) -> dict:
     import torch
 
     ref, got = json.load(open(ref_path)), json.load(open(got_path))
-    got["asked_before_plan"] = before_plan
     worst, problems = 0.0, []
     for step, (a, b) in enumerate(zip(ref["steps"], got["steps"])):
         ga, gb = torch.load(f"{ref_path}.step{step}.pt"), torch.load(f"{got_path}.step{step}.pt")
@@ -155,9 +149,6 @@ def compare(ref_path: str, got_path: str, before_plan: str = "fallback") -> dict
         problems.append(f"side-stream requests were left to the fallback: {got['unplanned']}")
     if not got.get("side_stream_planned"):
         problems.append("no side-stream request was planned: the gathers went to the fallback")
-    if got.get("asked_before_plan") == "managed" and not (got.get("before_plan") == "managed"
-                                                          and got["at_plan"].get("before_plan_peak")):
-        problems.append(f"before_plan=managed asked, but managed memory served nothing before the plan: {got.get('at_plan')}")
     if worst > 1e-6:
         problems.append(f"gradients differ: worst relative error {worst:.3g}")
     return {"worst_grad_rel_err": worst, "problems": problems, "planned": got}
@@ -170,22 +161,19 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--fallback", choices=PLANNER_FALLBACKS, default=PLANNER_FALLBACKS[0],
                     help="what serves the requests the plan does not (memory.planner.fallback)")
-    ap.add_argument("--before-plan", choices=PLANNER_BEFORE_PLAN, default=PLANNER_BEFORE_PLAN[0],
-                    help="what serves the iterations before the plan (memory.planner.before_plan)")
     a = ap.parse_args()
     if a.worker:
-        worker(a.worker == "planned", a.out, a.fallback, a.before_plan)
+        worker(a.worker == "planned", a.out, a.fallback)
         return 0
     paths = {}
     for mode in ("normal", "planned"):
         paths[mode] = f"{a.out}.{mode}.json"
-        r = subprocess.run([sys.executable, __file__, "--worker", mode, "--out", paths[mode], "--fallback", a.fallback,
-                            "--before-plan", a.before_plan],
+        r = subprocess.run([sys.executable, __file__, "--worker", mode, "--out", paths[mode], "--fallback", a.fallback],
                            env=dict(os.environ), capture_output=True, text=True)
         if r.returncode:
             print(r.stdout[-3000:], r.stderr[-6000:], sep="\n")
             return 1
-    res = compare(paths["normal"], paths["planned"], a.before_plan)
+    res = compare(paths["normal"], paths["planned"])
     for i, s in enumerate(res["planned"]["steps"]):
         print(f"step {i} seq {s['seq']} loss {s['loss']:.6f} state {s['state']} plan {s['plan']}")
     print(res["planned"].get("summary", ""))

@@ -108,7 +108,6 @@ class ActivationConfig:
 
 
 PLANNER_FALLBACKS = ("caching", "pool")  # memory.planner.fallback's choices
-PLANNER_BEFORE_PLAN = ("fallback", "managed")  # memory.planner.before_plan's choices
 
 
 @dataclass
@@ -119,7 +118,6 @@ class PlannerConfig:
     side_streams: bool = True  # also plan the requests made on side streams (ZeRO-3's parameter gathers, the swap's prefetch buffers); a request on another stream over a freed tensor's bytes waits for that tensor's stream first; false: the fallback serves them
     check: bool = False  # also count planned blocks whose lifetime differs from the plan (freed outside their layer pass, or still live at its end); overlap is refused always
     fallback: str = "caching"  # what serves the requests the plan does not (warm-up, weights, optimizer state, side streams): caching (torch's caching allocator in memory.allocator's mode) | pool (CUDA's cudaMallocAsync pool). Both measured on an H200: caching reserved less and stepped faster (docs/memory-planner.md)
-    before_plan: str = "fallback"  # what serves the layer passes of the iterations before the plan (the warm-up, the recorded one): fallback (the fallback allocator, device memory: those iterations need what a run without the plan needs) | managed (CUDA managed memory, CUDA 13+: they page to the host where the device is short, slower, so a run fits where its plan fits; one GPU measured, docs/memory-planner.md)
 
 
 @dataclass

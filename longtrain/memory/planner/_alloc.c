@@ -25,13 +25,6 @@
  * another window than the plan's) and planned blocks still live when the window that should free them
  * ends.
  *
- * Before the plan (lt_before_plan_managed): the requests of the windows of the iterations before a plan
- * serves (the warm-up and the recorded one, which no plan can serve) may go to CUDA managed memory
- * (cudaMallocFromPoolAsync on the device's managed pool, CUDA 13) instead of the fallback. Managed pages
- * migrate to the device when a kernel touches them and back to the host when the device is full, so
- * those iterations run even where they would need more than the device holds, slower; from the plan on,
- * the iterations need only the region, and the fallback serves what is unplanned (lt_before_plan_end).
- *
  * Record mode logs every allocation and free (7 int64 each: type, window, k, size, flag, block id, stream;
  * the flag is "on the window's stream" for an allocation, "used by another stream" for a free) so that
  * runtime.py can build the plans from a real step. A host backend (malloc, simulated events) lets the
@@ -91,7 +84,6 @@ typedef struct {
     int why; /* a fallback block: why the fallback served it (FB_*) */
     int freed; /* a planned block the program freed while other streams still read it (deferred) */
     int ghost; /* a planned block that leaves a ghost when freed (the plan's PLAN_GHOST) */
-    int before; /* served by the before-the-plan allocator (managed memory), freed there */
     stream_t stream;
     int nrec;
     stream_t rec[MAX_STREAMS];
@@ -203,10 +195,7 @@ enum {
     S_CROSS_WAITS, S_GHOSTS, /* waits queued for a ghost's stream; ghosts pending now */
     S_FB_BYTES, /* FB_N: the fallback's bytes held now (until really released), by why it served them */
     S_FB_PEAK = S_FB_BYTES + 4, /* FB_N: their peaks since the last reset */
-    /* the before-the-plan allocator (managed memory): bytes held now, their peak, the bytes it reserved at
-     * most (from the host or the device: managed pages live where they were last used) */
-    S_BEFORE_BYTES = S_FB_PEAK + 4, S_BEFORE_PEAK, S_BEFORE_RESERVED_PEAK,
-    S_N
+    S_N = S_FB_PEAK + 4
 };
 /* why the fallback served a block: no plan for its window (warm-up, recording, outside windows), a
  * request the plan leaves out, a planned one refused (its slot in use), after a mismatch in its window */
@@ -241,10 +230,6 @@ typedef struct {
 } fallback_t;
 static fallback_t fb;
 static int fb_external; /* lt_set_fallback was called: the pool's release threshold is not ours to set */
-static fallback_t before; /* serves the windows' requests until the plan does (lt_before_plan_*); alloc NULL: off */
-static int before_active;
-static void *managed_pool;
-static int64_t before_host_reserved, before_host_peak;
 
 static void *pool_alloc(size_t size, stream_t stream) {
     void *p = NULL;
@@ -272,7 +257,7 @@ static void pool_trim(void) {
 
 static void *host_alloc(size_t size, stream_t stream) {
     (void)stream;
-    if (host_limit && host_reserved + region_bytes + (int64_t)size > host_limit) return NULL; /* a test's "device" is full */
+    if (host_limit && host_reserved + (int64_t)size > host_limit) return NULL; /* a test's "device" is full */
     void *p = malloc(size);
     if (p) {
         host_reserved += (int64_t)size;
@@ -288,45 +273,6 @@ static void host_free(void *ptr, size_t size, stream_t stream) {
 static int64_t host_reserved_bytes(int peak) { return peak ? host_reserved_peak : host_reserved; }
 static void host_reset_peak(void) { host_reserved_peak = host_reserved; }
 static void host_trim(void) {}
-
-/* the before-the-plan allocators: CUDA's managed pool, or (tests) the host's malloc with no limit */
-static cuerr_t (*c_malloc_from_pool)(void **, size_t, void *, stream_t);
-static cuerr_t (*c_default_managed_pool)(void **, const int *, int);
-static void *managed_alloc(size_t size, stream_t stream) {
-    void *p = NULL;
-    if (c_malloc_from_pool(&p, size, managed_pool, stream) == 0) return p;
-    c_get_last_error();
-    return NULL;
-}
-static int64_t managed_reserved(int peak) {
-    uint64_t v = 0;
-    if (c_pool_get(managed_pool, peak ? ATTR_RESERVED_HIGH : ATTR_RESERVED_CURRENT, &v)) { c_get_last_error(); return 0; }
-    return (int64_t)v;
-}
-static void managed_reset_peak(void) {
-    uint64_t zero = 0;
-    if (c_pool_set(managed_pool, ATTR_RESERVED_HIGH, &zero)) c_get_last_error();
-}
-static void managed_trim(void) {
-    c_device_sync();
-    if (c_pool_trim(managed_pool, 0)) c_get_last_error();
-}
-static void *before_host_alloc(size_t size, stream_t stream) {
-    (void)stream;
-    void *p = malloc(size);
-    if (p) {
-        before_host_reserved += (int64_t)size;
-        if (before_host_reserved > before_host_peak) before_host_peak = before_host_reserved;
-    }
-    return p;
-}
-static void before_host_free(void *ptr, size_t size, stream_t stream) {
-    (void)stream;
-    before_host_reserved -= (int64_t)size;
-    free(ptr);
-}
-static int64_t before_host_reserved_bytes(int peak) { return peak ? before_host_peak : before_host_reserved; }
-static void before_host_reset_peak(void) { before_host_peak = before_host_reserved; }
 
 /* reserved peak = max(reserved_floor, region + the fallback's peak since the region came) */
 static int64_t reserved_floor;
@@ -376,15 +322,9 @@ static void note_fallback(int why, int64_t delta) {
 }
 
 static void release(block_t *b) {
-    if (b->before) {
-        st[S_BEFORE_BYTES] -= b->size;
-        before.free(b->ptr, (size_t)b->size, b->stream);
-    } else if (b->offset >= 0) {
-        live_remove(b);
-    } else {
-        note_fallback(b->why, -b->size);
-        fb.free(b->ptr, (size_t)b->size, b->stream);
-    }
+    if (b->offset < 0) note_fallback(b->why, -b->size);
+    if (b->offset >= 0) live_remove(b);
+    else fb.free(b->ptr, (size_t)b->size, b->stream);
     free(b);
 }
 
@@ -580,7 +520,7 @@ int lt_region_alloc(int64_t bytes) {
         r = -2;
     } else if (bytes > 0) {
         void *p = NULL;
-        if (backend == BACKEND_HOST) p = host_limit && host_reserved + bytes > host_limit ? NULL : malloc((size_t)bytes);
+        if (backend == BACKEND_HOST) p = malloc((size_t)bytes);
         else if (c_malloc(&p, (size_t)bytes)) { c_get_last_error(); p = NULL; }
         if (!p) {
             r = -1;
@@ -698,13 +638,6 @@ static void *alloc_locked(size_t size, stream_t stream) {
     void *ptr;
     if (offset >= 0) {
         ptr = region + offset;
-    } else if (before_active && win.active) { /* an iteration before the plan: managed memory */
-        ptr = before.alloc(size, stream);
-        if (!ptr) { free(b); return NULL; }
-        b->before = 1;
-        st[S_BEFORE_BYTES] += (int64_t)size;
-        if (st[S_BEFORE_BYTES] > st[S_BEFORE_PEAK]) st[S_BEFORE_PEAK] = st[S_BEFORE_BYTES];
-        st[S_FALLBACK]++;
     } else {
         ptr = fb.alloc ? fb.alloc(size, stream) : NULL; /* no backend yet: nothing to serve from */
         if (!ptr && fb.alloc) {
@@ -726,15 +659,14 @@ static void *alloc_locked(size_t size, stream_t stream) {
     b->ghost = ghost;
     if (offset >= 0 && live_add(b)) { free(b); return NULL; }
     if (table_put(b)) { /* cannot track it: give it back rather than lose it */
-        if (b->before) { st[S_BEFORE_BYTES] -= b->size; before.free(ptr, size, stream); }
-        else if (offset >= 0) live_remove(b);
+        if (offset >= 0) live_remove(b);
         else fb.free(ptr, size, stream);
         free(b);
         return NULL;
     }
     if (offset >= 0) st[S_SERVED]++;
     note_allocated((int64_t)size);
-    if (offset < 0 && !b->before) note_fallback(why, (int64_t)size);
+    if (offset < 0) note_fallback(why, (int64_t)size);
     log_event(0, window, k, (int64_t)size, win.active && stream == win.stream, b->id, stream);
     return ptr;
 }
@@ -835,7 +767,6 @@ int lt_stats(int64_t *out, int n) {
     st[S_RESERVED] = region_bytes + (fb.reserved ? fb.reserved(0) : 0);
     st[S_RESERVED_PEAK] = region_bytes + (fb.reserved ? fb.reserved(1) : 0);
     if (reserved_floor > st[S_RESERVED_PEAK]) st[S_RESERVED_PEAK] = reserved_floor;
-    if (before.reserved) st[S_BEFORE_RESERVED_PEAK] = before.reserved(1);
     int m = n < S_N ? n : S_N;
     memcpy(out, st, (size_t)m * sizeof(int64_t));
     pthread_mutex_unlock(&mu);
@@ -848,8 +779,6 @@ void lt_reset_peaks(void) {
     for (int i = 0; i < FB_N; i++) st[S_FB_PEAK + i] = st[S_FB_BYTES + i];
     reserved_floor = 0;
     if (fb.reset_peak) fb.reset_peak();
-    st[S_BEFORE_PEAK] = st[S_BEFORE_BYTES];
-    if (before.reset_peak) before.reset_peak();
     pthread_mutex_unlock(&mu);
 }
 
@@ -901,7 +830,6 @@ void lt_empty_cache(void) {
     process_deferred(1);
     prune_ghosts(1);
     if (fb.trim) fb.trim();
-    if (before_active && before.trim) before.trim();
     pthread_mutex_unlock(&mu);
 }
 
@@ -914,47 +842,4 @@ int lt_pool_keep(int keep) {
     uint64_t v = keep ? UINT64_MAX : 0;
     if (c_pool_set(pool, ATTR_RELEASE_THRESHOLD, &v)) { c_get_last_error(); return -1; }
     return 0;
-}
-
-/* Before the plan: the windows' requests go to managed memory until lt_before_plan_end (see the top).
- * CUDA: the device's default managed pool (cudaMemGetDefaultMemPool, CUDA 13 and later); host backend
- * (tests): malloc past lt_host_limit. 0 ok, -2 this CUDA runtime has no managed pools, -3 no pool. */
-int lt_before_plan_managed(const char *cudart, int device) {
-    pthread_mutex_lock(&mu);
-    int r = 0;
-    if (backend == BACKEND_HOST) {
-        before = (fallback_t){before_host_alloc, before_host_free, before_host_reserved_bytes,
-                              before_host_reset_peak, host_trim};
-    } else if (backend == BACKEND_CUDA) {
-        void *h = dlopen(cudart, RTLD_NOW | RTLD_NOLOAD);
-        *(void **)&c_malloc_from_pool = h ? dlsym(h, "cudaMallocFromPoolAsync") : NULL;
-        *(void **)&c_default_managed_pool = h ? dlsym(h, "cudaMemGetDefaultMemPool") : NULL;
-        const int location[2] = {1, device}; /* cudaMemLocation {cudaMemLocationTypeDevice, device}: preferred */
-        uint64_t keep = UINT64_MAX; /* it keeps what is freed until lt_before_plan_end gives it all back */
-        if (!c_malloc_from_pool || !c_default_managed_pool) r = -2;
-        else if (c_default_managed_pool(&managed_pool, location, 2 /* cudaMemAllocationTypeManaged */)
-                 || c_pool_set(managed_pool, ATTR_RELEASE_THRESHOLD, &keep)) {
-            c_get_last_error();
-            r = -3;
-        } else {
-            before = (fallback_t){managed_alloc, pool_free, managed_reserved, managed_reset_peak, managed_trim};
-        }
-    } else {
-        r = -1;
-    }
-    if (!r) before_active = 1;
-    pthread_mutex_unlock(&mu);
-    return r;
-}
-
-/* The plan serves from now on (or never will): new requests go to the plan and the fallback; the managed
- * memory still held is freed where it came from, what it cached goes back (after a device synchronisation). */
-void lt_before_plan_end(void) {
-    pthread_mutex_lock(&mu);
-    if (before_active) {
-        before_active = 0;
-        process_deferred(1);
-        if (before.trim) before.trim();
-    }
-    pthread_mutex_unlock(&mu);
 }

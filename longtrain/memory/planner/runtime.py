@@ -68,10 +68,7 @@ STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "serve
               "cross_stream_waits", "ghosts",
               # the bytes the fallback holds by why it served them, then their peaks
               *(f"fallback_{why}{peak}" for peak in ("", "_peak")
-                for why in ("no_plan", "unplanned", "refused", "after_miss")),
-              # memory.planner.before_plan=managed: the managed bytes held now, their peak, the most its pool
-              # reserved (on the host or the device: managed pages live where they were last used)
-              "before_plan", "before_plan_peak", "before_plan_reserved_peak")
+                for why in ("no_plan", "unplanned", "refused", "after_miss")))
 
 
 def _cache_dir() -> Path:
@@ -121,8 +118,7 @@ class Core:
                "lt_empty_cache": (None, []), "lt_pool_keep": (i32, [i32]),
                "lt_host_limit": (None, [i64]), "lt_refusals": (i64, [ctypes.POINTER(i64), i64]),
                "lt_host_waits": (i64, [ctypes.POINTER(i64)]), "lt_lifetimes": (i64, [ctypes.POINTER(i64), i64]),
-               "lt_set_fallback": (None, [vp, vp, vp, vp, vp]),
-               "lt_before_plan_managed": (i32, [ctypes.c_char_p, i32]), "lt_before_plan_end": (None, [])}
+               "lt_set_fallback": (None, [vp, vp, vp, vp, vp])}
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -382,10 +378,6 @@ class PlanRuntime:
     at_plan: dict = field(default_factory=dict)  # the core's bytes when the plan was made (before the region)
     save_dir: str | None = None  # where the plans go as JSON (the run directory), None: not saved
     rank: int = 0
-    # what serves the layer passes and gaps of the iterations before the plan: "fallback" (the fallback
-    # allocator, device memory) or "managed" (CUDA managed memory: those iterations may need more than
-    # the device holds, paging to the host; from the plan on, the region serves them)
-    before_plan: str = "fallback"
     saved: list = field(default_factory=list)  # the JSON files written
 
     def __post_init__(self):
@@ -396,15 +388,6 @@ class PlanRuntime:
             pass  # solve_plan keeps its greedy plan without PuLP
         if self.stream_of is None:
             self.stream_of = lambda: torch.cuda.current_stream(self.device).cuda_stream
-        if self.before_plan == "managed":
-            cudart = _cudart_path() if self.device.type == "cuda" else ""
-            r = self.core.lib.lt_before_plan_managed(cudart.encode(), self.device.index or 0)
-            if r:
-                why = {-2: "this CUDA runtime has no managed memory pools (CUDA 13 or later has them)"}.get(
-                    r, f"the device's managed memory pool is not available (code {r})")
-                log.warning("memory.planner.before_plan=managed: %s; the iterations before the plan use the "
-                            "fallback allocator (device memory)", why)
-                self.before_plan = "fallback"
 
     def begin_iteration(self) -> None:
         """A new iteration (the model's forward or the trainer's step starts), whose first window is a gap,
@@ -469,7 +452,6 @@ class PlanRuntime:
             # measured on an H200, 3 GiB held for good, their planned slots refused every iteration. Collect
             # such cycles now.
             gc.collect()
-        self.core.lib.lt_before_plan_end()  # its cached memory back too: the region needs the device's memory
         if not plan.region_bytes:
             self._off()
             log.warning("memory plan: the recorded iteration has no request to plan; the fallback allocator "
@@ -479,16 +461,10 @@ class PlanRuntime:
         self.core.lib.lt_empty_cache()  # the fallback's cached memory back first: the region needs it
         trimmed = self.core.stats()
         self.at_plan = {"allocated": before["allocated"], "reserved": before["reserved"],
-                        "reserved_peak": before["reserved_peak"], "reserved_after_trim": trimmed["reserved"],
-                        "before_plan_peak": before["before_plan_peak"],
-                        "before_plan_reserved_peak": before["before_plan_reserved_peak"],
-                        "before_plan_held": before["before_plan"]}
+                        "reserved_peak": before["reserved_peak"], "reserved_after_trim": trimmed["reserved"]}
         log.info("memory plan: before the region, %.2f GiB allocated, %.2f GiB reserved by the fallback "
-                 "(%.2f GiB after giving back what it caches; peak so far %.2f GiB)%s", before["allocated"] / 2**30,
-                 before["reserved"] / 2**30, trimmed["reserved"] / 2**30, before["reserved_peak"] / 2**30,
-                 f"; the iterations before the plan held up to {before['before_plan_peak'] / 2**30:.2f} GiB of managed "
-                 f"memory (its pool reserved {before['before_plan_reserved_peak'] / 2**30:.2f} GiB; "
-                 f"{before['before_plan'] / 2**30:.2f} GiB still held)" if self.before_plan == "managed" else "")
+                 "(%.2f GiB after giving back what it caches; peak so far %.2f GiB)", before["allocated"] / 2**30,
+                 before["reserved"] / 2**30, trimmed["reserved"] / 2**30, before["reserved_peak"] / 2**30)
         r = self.core.lib.lt_region_alloc(plan.region_bytes)
         if r:
             self._off()
@@ -523,7 +499,6 @@ class PlanRuntime:
     def _off(self) -> None:
         """No plan will serve: the fallback keeps what it frees from now on (the pool, like a caching allocator)."""
         self.state = "off"
-        self.core.lib.lt_before_plan_end()
         self.core.lib.lt_pool_keep(1)
 
     def summary(self) -> str:
