@@ -15,7 +15,7 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch==2.13.0"
   fi
 fi
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,highs]"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   # DeepSpeed compiles its CPU shared-memory comm op the first time its comm backend starts, and its
   # CPU Adam the first time optimizer offload is used (about a minute each). Build both once here, so

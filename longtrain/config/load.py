@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from longtrain.config.schema import PLANNER_FALLBACKS, Config, DataConfig
+from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_MIP_SOLVERS, Config, DataConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # longtrain/recipes: the repo's recipes/, shipped in the wheel
 
@@ -204,6 +204,7 @@ def validate(cfg: Config) -> None:
     _positive("memory.activation.chunk_tokens", act.chunk_tokens, allow_zero=True)
     _positive("memory.activation.mlp_chunk_tokens", act.mlp_chunk_tokens, allow_zero=True)
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)
+    _choice("memory.planner.mip_solver", cfg.memory.planner.mip_solver, list(PLANNER_MIP_SOLVERS))
     _positive("memory.planner.record_iteration", cfg.memory.planner.record_iteration, allow_zero=True)
     _validate_finetune(cfg)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])

@@ -1,6 +1,7 @@
 """Memory planner (longtrain.memory.planner): exact optima on hand-checkable instances, invariants on
 random traces, JSON round trip, determinism, fallbacks, bad input, the meta trace of a layer."""
 
+import importlib.util
 import json
 import random
 import time
@@ -8,6 +9,9 @@ import time
 import pytest
 
 from longtrain.memory.planner import MemoryPlan, Request, conflict_pairs, greedy_offsets, lower_bound, solve_plan
+
+# Both MIP solvers where HiGHS is installed (tools/setup.sh installs it; `auto` picks it), CBC always.
+SOLVERS = ["highs", "cbc"] if importlib.util.find_spec("highspy") else ["cbc"]
 
 
 def _check(plan: MemoryPlan):
@@ -51,16 +55,17 @@ def test_half_open_lifetimes_touching_do_not_conflict():
     assert lower_bound([Request(4, 0, 2), Request(4, 2, 3)]) == 4
 
 
-def test_mip_beats_greedy_and_reaches_the_optimum():
+@pytest.mark.parametrize("mip", SOLVERS)
+def test_mip_beats_greedy_and_reaches_the_optimum(mip):
     # Live at t=2..3: a+b+d = 2+3+2 = 7 = the lower bound, so 7 is optimal. Every greedy ordering places
     # the long 4-byte c first at 0 or, later, between a and b/d, and ends at 8; the MIP finds 7
     # (a at 0, b and d stacked above it, c above a once b and d are gone).
     reqs = [Request(2, 2, 5), Request(3, 2, 4), Request(4, 4, 7), Request(2, 2, 4)]
     offs, _ = greedy_offsets(reqs)
     assert max(o + r.size for o, r in zip(offs, reqs)) == 8
-    plan = solve_plan(reqs, time_limit_s=20, search_iters=0)  # the greedy's local search would find 7 too
+    plan = solve_plan(reqs, time_limit_s=20, search_iters=0, mip_solver=mip)  # the local search would find 7 too
     assert plan.lower_bound_bytes == 7 and plan.greedy_peak_bytes == 8
-    assert plan.peak_bytes == 7 and plan.solver == "mip/optimal"
+    assert plan.peak_bytes == 7 and plan.solver == f"mip/{mip}/optimal"
     _check(plan)
 
 
@@ -99,11 +104,13 @@ def test_mip_is_skipped_when_the_greedy_plan_is_within_mip_gap(monkeypatch):
         solve_plan(reqs, mip_gap=1)
 
 
-def test_mip_improves_greedy_on_random_traces():
-    # Seeds where greedy misses the bound and CBC proves the optimum quickly (measured: 0.8-1.0 s each).
+@pytest.mark.parametrize("mip", SOLVERS)
+def test_mip_improves_greedy_on_random_traces(mip):
+    # Seeds where greedy misses the bound and both solvers prove the optimum quickly (measured: CBC 0.8-1.0 s
+    # each, HiGHS less).
     for seed in (8, 13, 20):
-        plan = solve_plan(_random_requests(seed), time_limit_s=20, search_iters=0)
-        assert plan.solver == "mip/optimal", plan.solver
+        plan = solve_plan(_random_requests(seed), time_limit_s=20, search_iters=0, mip_solver=mip)
+        assert plan.solver == f"mip/{mip}/optimal", plan.solver
         assert plan.peak_bytes == plan.lower_bound_bytes < plan.greedy_peak_bytes
         _check(plan)
 
@@ -124,19 +131,21 @@ def test_greedy_local_search_closes_most_of_the_gap():
     assert sum(searched) / 5 < sum(base) / 5 - 0.02
 
 
-def test_deterministic_for_fixed_seed_and_time_limit():
+@pytest.mark.parametrize("mip", SOLVERS)
+def test_deterministic_for_fixed_seed_and_time_limit(mip):
     reqs = _random_requests(20)
-    a = solve_plan(reqs, time_limit_s=20, seed=3, search_iters=0)
-    b = solve_plan(reqs, time_limit_s=20, seed=3, search_iters=0)
-    assert a.solver == b.solver == "mip/optimal"
+    a = solve_plan(reqs, time_limit_s=20, seed=3, search_iters=0, mip_solver=mip)
+    b = solve_plan(reqs, time_limit_s=20, seed=3, search_iters=0, mip_solver=mip)
+    assert a.solver == b.solver == f"mip/{mip}/optimal"
     assert a.offsets == b.offsets and a.peak_bytes == b.peak_bytes
     g1, g2 = (greedy_offsets(_random_requests(5, n=60), search_iters=300, seed=1) for _ in range(2))
     assert g1 == g2
 
 
-def test_tiny_time_limit_keeps_the_greedy_plan():
-    reqs = _random_requests(29)  # greedy 109 vs bound 91: CBC needs far more than 10 ms
-    plan = solve_plan(reqs, time_limit_s=0.01, search_iters=0)
+@pytest.mark.parametrize("mip", SOLVERS)
+def test_tiny_time_limit_keeps_the_greedy_plan(mip):
+    reqs = _random_requests(29)  # greedy 109 vs bound 91: the MIP needs far more than 10 ms
+    plan = solve_plan(reqs, time_limit_s=0.01, search_iters=0, mip_solver=mip)
     assert plan.solver.startswith("greedy/") and "not better" in plan.solver or "mip failed" in plan.solver, plan.solver
     assert plan.peak_bytes == plan.greedy_peak_bytes
     _check(plan)
@@ -152,6 +161,47 @@ def test_pulp_failure_falls_back_to_greedy(monkeypatch):
     plan = solve_plan(_random_requests(29), time_limit_s=5, search_iters=0)
     assert "mip failed: PulpSolverError: cbc crashed" in plan.solver
     _check(plan)
+
+
+def test_mip_solver_auto_is_highs_where_installed_else_cbc(monkeypatch):
+    import importlib.util
+
+    from longtrain.config import ConfigError, load_config
+    from longtrain.memory.planner.core import mip_solver_name
+
+    assert mip_solver_name("auto") == SOLVERS[0] and mip_solver_name("cbc") == "cbc"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "highspy" else real(name, *a))
+    assert mip_solver_name("auto") == "cbc"
+    with pytest.raises(ValueError, match=r"needs the highspy package: `pip install longtrain\[highs\]`"):
+        solve_plan([Request(4, 0, 1)], mip_solver="highs")
+    with pytest.raises(ValueError, match="mip_solver='gurobi': use one of auto, highs, cbc"):
+        solve_plan([Request(4, 0, 1)], mip_solver="gurobi")
+    assert load_config("debug", []).memory.planner.mip_solver == "auto"
+    with pytest.raises(ConfigError, match="memory.planner.mip_solver.*gurobi"):
+        load_config("debug", ["memory.planner.mip_solver=gurobi"])
+
+
+@pytest.mark.skipif("highs" not in SOLVERS, reason="highspy is not installed")
+def test_highs_starts_from_the_greedy_plan(monkeypatch):
+    """PuLP hands warm starts to CBC only: HiGHS gets the greedy plan through setSolution (one value per
+    column, the peak variable M at the greedy peak)."""
+    import highspy
+
+    seen = []
+    real = highspy.Highs.setSolution
+
+    def spy(self, *args):
+        seen.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(highspy.Highs, "setSolution", spy)
+    reqs = [Request(2, 2, 5), Request(3, 2, 4), Request(4, 4, 7), Request(2, 2, 4)]
+    plan = solve_plan(reqs, time_limit_s=20, search_iters=0, mip_solver="highs")
+    assert plan.solver == "mip/highs/optimal" and len(seen) == 1
+    n, index, values = seen[0]
+    assert n == len(index) == len(values) == 4 + 1 + 4  # 4 offsets, M, a binary per conflicting pair (ab ac ad bd)
+    assert values[4] == 8.0  # columns by name (A0-A3, M, z...): M starts at the greedy peak
 
 
 def test_json_round_trip(tmp_path):
@@ -258,6 +308,17 @@ def test_plan_memory_cli_prints_sections_and_writes_plans(tmp_path, capsys):
         _check(plan)
     assert main(["plan-memory", "debug", "memory.planner.time_limit_s=0"]) == 2
     assert "memory.planner.time_limit_s=0.0 must be > 0" in capsys.readouterr().err
+
+
+def test_plan_memory_uses_the_recipes_mip_solver(tmp_path, monkeypatch):
+    from longtrain.cli import main
+    from longtrain.memory.planner import levels
+
+    asked = []
+    real = levels.solve_plan
+    monkeypatch.setattr(levels, "solve_plan", lambda *a, **k: asked.append(k["mip_solver"]) or real(*a, **k))
+    assert main(["plan-memory", "debug", f"train.output_dir={tmp_path}", "memory.planner.mip_solver=cbc"]) == 0
+    assert asked == ["cbc", "cbc"]  # level 1 and level 2
 
 
 def test_plan_memory_png_with_and_without_snapshot(tmp_path):
@@ -396,3 +457,17 @@ def test_plan_memory_from_a_snapshot(tmp_path, capsys):
     assert tool.main(["--png", str(tmp_path / "d.png"), "--from-snapshot", str(tmp_path / "s.pickle"),
                       "--first", "5", "--last", "7"]) == 2  # a window with no allocation: a clear error
     assert "no allocation among the trace's actions [5:7]" in capsys.readouterr().err
+
+
+def test_solver_benchmark_tool_prints_a_table_and_writes_json(tmp_path, capsys):
+    from load_tool import load_tool
+
+    tool = load_tool("bench_planner_solvers.py", "bench_planner_solvers")
+    out = tmp_path / "solvers.json"
+    assert tool.main(["--sizes", "8", "--seeds", "3", "--time-limit", "2", "--solvers", "cbc", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert len(rec["rows"]) == 3 and rec["summary"]["cbc"]["traces_greedy_above_bound"] <= 3
+    for row in rec["rows"]:
+        assert row["lower_bound"] <= row["solvers"]["cbc"]["peak"] <= row["greedy"]
+    assert "where the greedy plan is above the lower bound" in capsys.readouterr().out
+    assert tool.main(["--solvers", "gurobi"]) == 2 and "mip_solver='gurobi'" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Offline dynamic storage allocation: requests with sizes and lifetimes -> offsets in one region.
 
-Pure, deterministic Python (PuLP/CBC for the MIP); no torch. DESIGN.md section 3, "MEMO bi-level MIP".
+Pure, deterministic Python (PuLP for the MIP: HiGHS where highspy is installed, else CBC); no torch. DESIGN.md section 3, "MEMO bi-level MIP".
 
 A request i has a size s_i (bytes) and a half-open lifetime [t_i, e_i) in event order. Two requests
 *conflict* when their lifetimes overlap (t_i < e_j and t_j < e_i); conflicting requests must not overlap
@@ -10,8 +10,11 @@ x-positions), so we
   1. run a greedy best-fit heuristic over a few orderings and keep the best (fast, usually within a few
      percent of the bound),
   2. stop there when greedy meets the lower bound (provably optimal) or is within `mip_gap` of it,
-  3. otherwise solve MEMO's MIP with PuLP/CBC under a time limit, warm-started from the greedy plan
-     (so CBC always holds an incumbent at least as good), and keep whichever plan is better.
+  3. otherwise solve MEMO's MIP with PuLP under a time limit, warm-started from the greedy plan (so the
+     solver always holds an incumbent at least as good), and keep whichever plan is better. The solver
+     (`mip_solver`): HiGHS where highspy is installed (`pip install longtrain[highs]`), else CBC, which
+     PuLP ships. On random traces HiGHS proved the optimum in well under a second where CBC ran into its
+     10 s limit (tools/bench_planner_solvers.py, docs/perf-log.md).
 Every returned plan is re-checked (`MemoryPlan.validate`): no two conflicting requests overlap, every
 request lies below the peak.
 """
@@ -19,6 +22,7 @@ request lies below the peak.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import random
@@ -26,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from longtrain.config.schema import PLANNER_MIP_SOLVERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,20 +312,36 @@ def _order_from_offsets(offsets: Sequence[int], pairs: Sequence[tuple[int, int]]
     return {(i, j): (offsets[i], i) < (offsets[j], j) for i, j in pairs}
 
 
+def mip_solver_name(choice: str = "auto") -> str:
+    """The MIP solver `choice` resolves to here: "highs" or "cbc" ("auto": HiGHS where highspy is
+    installed, else CBC). An explicit "highs" without highspy is an error naming the fix."""
+    if choice not in PLANNER_MIP_SOLVERS:
+        raise ValueError(f"mip_solver={choice!r}: use one of {', '.join(PLANNER_MIP_SOLVERS)}")
+    if choice == "cbc":
+        return "cbc"
+    if importlib.util.find_spec("highspy") is not None:
+        return "highs"
+    if choice == "highs":
+        raise ValueError("mip_solver='highs' needs the highspy package: `pip install longtrain[highs]` "
+                         "(or mip_solver=auto, which uses CBC without it)")
+    return "cbc"
+
+
 def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, alignment: int = 1, seed: int = 0,
                use_mip: bool = True, max_pairs: int = 200_000, search_iters: int = 300, mip_gap: float = 1e-3,
-               names: Sequence[str] | None = None,
-               info: dict | None = None) -> MemoryPlan:
+               names: Sequence[str] | None = None, info: dict | None = None,
+               mip_solver: str = "auto") -> MemoryPlan:
     """Plan offsets for `requests` minimising the peak. See the module docstring for the method.
 
-    time_limit_s: CBC's wall-clock limit (the greedy plan is kept if CBC does not beat it in time);
+    time_limit_s: the MIP solver's wall-clock limit (the greedy plan is kept if the MIP does not beat it);
     alignment: offsets are multiples of it and sizes rounded up to it (512 = the CUDA caching allocator's);
-    seed: CBC's random seed (with threads=1 and a limit that is not hit, the result is deterministic);
+    seed: the solver's random seed (with one thread and a limit that is not hit, the result is deterministic);
     max_pairs: skip the MIP when more lifetime-overlapping pairs than this (each is one binary);
     search_iters: rounds of the greedy's local search (seeded by `seed`; 0 = orderings only);
     mip_gap: skip the MIP when the greedy peak is within this fraction of the lower bound (no plan beats
     the bound, so CBC could gain at most that much; 0 = only at the bound). The runtime plans inside a
-    training step, where CBC used its whole time limit to confirm a greedy plan 0.01% above the bound.
+    training step, where CBC used its whole time limit to confirm a greedy plan 0.01% above the bound;
+    mip_solver: "auto" (HiGHS where highspy is installed, else CBC), "highs" or "cbc" (`mip_solver_name`).
     """
     t0 = time.perf_counter()
     reqs = _check_requests(requests)
@@ -331,6 +353,7 @@ def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, align
         raise ValueError(f"time_limit_s={time_limit_s} must be > 0 seconds")
     if names is not None and len(names) != len(reqs):
         raise ValueError(f"names has {len(names)} entries for {len(reqs)} requests")
+    mip = mip_solver_name(mip_solver)
     sizes = [_round_up(r.size, alignment) for r in reqs]
     lb = lower_bound([Request(s, r.start, r.end) for s, r in zip(sizes, reqs)]) if reqs else 0
     lb = _round_up(lb, alignment)
@@ -352,17 +375,17 @@ def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, align
         try:
             with warnings.catch_warnings():  # PuLP 3.3 announces its 4.0 API on every variable; we pin 3.x
                 warnings.simplefilter("ignore", DeprecationWarning)
-                res = _solve_mip(reqs, sizes, pairs, offs, gpeak, lb, time_limit_s, seed, alignment)
-        except Exception as e:  # PuLP/CBC missing or crashing must not cost the user their plan
+                res = _solve_mip(reqs, sizes, pairs, offs, gpeak, lb, time_limit_s, seed, alignment, mip)
+        except Exception as e:  # PuLP or its solver missing or crashing must not cost the user their plan
             res = None
             solver = f"{gname} (mip failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
         if res is not None:
             moffs, status = res
             mpeak = max(o + s for o, s in zip(moffs, sizes))
             if mpeak < gpeak:
-                offs, peak, solver = moffs, mpeak, f"mip/{status}"
+                offs, peak, solver = moffs, mpeak, f"mip/{mip}/{status}"
             else:
-                solver = f"{gname} (mip {status}, not better)"
+                solver = f"{gname} (mip/{mip} {status}, not better)"
     plan = MemoryPlan(reqs, offs, peak, lb, solver, time.perf_counter() - t0, gpeak, alignment,
                       list(names) if names is not None else [], dict(info or {}))
     # The planner's one promise: conflicting requests never share bytes. Checked on every plan.
@@ -370,8 +393,25 @@ def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, align
     return plan
 
 
-def _solve_mip(reqs, sizes, pairs, warm, big, lb, time_limit_s, seed, alignment):
-    """MEMO's MIP in PuLP/CBC. Returns (offsets, status) or None when CBC produced no solution.
+def _highs_warm_started():
+    """PuLP's HiGHS interface, handing HiGHS the variables' initial values (the greedy plan) as a start:
+    PuLP passes warm starts to CBC only."""
+    import numpy as np
+    import pulp
+
+    class HiGHSWarm(pulp.HiGHS):
+        def callSolver(self, lp):
+            cols = lp.variables()  # buildSolverModel numbered the columns in this order
+            vals = np.array([0.0 if v.varValue is None else float(v.varValue) for v in cols], dtype=np.float64)
+            lp.solverModel.setSolution(len(cols), np.arange(len(cols), dtype=np.int32), vals)
+            super().callSolver(lp)
+
+    return HiGHSWarm
+
+
+def _solve_mip(reqs, sizes, pairs, warm, big, lb, time_limit_s, seed, alignment, mip="cbc"):
+    """MEMO's MIP in PuLP, solved by HiGHS or CBC (`mip`). Returns (offsets, status) or None when the
+    solver produced no solution.
 
     Units: sizes are divided by their common divisor (at least the alignment) so the big-M constants stay
     small next to CBC's tolerances; the solution's pairwise order is then turned back into exact integer
@@ -414,15 +454,18 @@ def _solve_mip(reqs, sizes, pairs, warm, big, lb, time_limit_s, seed, alignment)
     for i, a in enumerate(w0):
         A[i].setInitialValue(a)
     M.setInitialValue(max(a + s for a, s in zip(w0, u)))
-    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, warmStart=True, threads=1,
-                               options=[f"randomSeed {seed + 1}", f"randomCbcSeed {seed + 1}"])
+    if mip == "highs":
+        solver = _highs_warm_started()(msg=False, timeLimit=time_limit_s, threads=1, random_seed=seed + 1)
+    else:
+        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, warmStart=True, threads=1,
+                                   options=[f"randomSeed {seed + 1}", f"randomCbcSeed {seed + 1}"])
     status = prob.solve(solver)
     if pulp.LpStatus.get(status) not in ("Optimal",) or M.value() is None:
         return None
     vals = [a.value() for a in A]
     if any(v is None for v in vals):
         return None
-    # CBC reports "Optimal" also when it stops at the time limit with an incumbent; tell them apart.
+    # "Optimal" is reported also when the solver stops at the time limit with an incumbent; tell them apart.
     proven = prob.sol_status == pulp.LpSolutionOptimal
     order = _order_from_offsets(vals, pairs)
     offs = _compact(reqs, sizes, order, pairs, alignment)

@@ -25,14 +25,15 @@ def _total(reqs: list[Request], alignment: int) -> int:
     return sum(-(-r.size // alignment) * alignment for r in reqs)
 
 
-def plan_layer(trace, *, time_limit_s: float = 60.0, alignment: int = 512, seed: int = 0) -> MemoryPlan:
+def plan_layer(trace, *, time_limit_s: float = 60.0, alignment: int = 512, seed: int = 0,
+               mip_solver: str = "auto") -> MemoryPlan:
     """Level 1: one plan for a layer's transient requests (forward and backward on one timeline)."""
     reqs = [t for t in trace.requests if t.role == "transient"]
     if not reqs:
         raise ValueError("the layer trace has no transient requests to plan")
     names = [f"{t.phase}:{t.op}{list(t.shape)}:{t.dtype}" for t in reqs]
     return solve_plan([t.request for t in reqs], time_limit_s, alignment=alignment, seed=seed, names=names,
-                      info=dict(level=1, fwd_end=trace.fwd_end, **trace.meta))
+                      mip_solver=mip_solver, info=dict(level=1, fwd_end=trace.fwd_end, **trace.meta))
 
 
 def iteration_requests(trace, layer_peak: int, n_layers: int, *, swapped: frozenset[int] | set[int] = frozenset(),
@@ -72,9 +73,9 @@ def iteration_requests(trace, layer_peak: int, n_layers: int, *, swapped: frozen
 
 
 def plan_iteration(trace, layer_plan: MemoryPlan, n_layers: int, *, swapped=frozenset(), time_limit_s: float = 60.0,
-                   alignment: int = 512, seed: int = 0) -> MemoryPlan:
+                   alignment: int = 512, seed: int = 0, mip_solver: str = "auto") -> MemoryPlan:
     """Level 2: the iteration, each layer pass one block of the level-1 peak."""
     reqs, names = iteration_requests(trace, layer_plan.peak_bytes, n_layers, swapped=swapped, alignment=alignment)
-    return solve_plan(reqs, time_limit_s, alignment=alignment, seed=seed, names=names,
+    return solve_plan(reqs, time_limit_s, alignment=alignment, seed=seed, names=names, mip_solver=mip_solver,
                       info=dict(level=2, n_layers=n_layers, swapped=sorted(swapped),
                                 layer_peak_bytes=layer_plan.peak_bytes))

@@ -74,10 +74,11 @@ def plan_recipe(cfg, out_dir: str | Path | None = None) -> PlanReport:
     lines.append("not seen by the trace: workspaces allocated inside one kernel (cuDNN, cuBLAS), the embedding, "
                  "LM head, loss and optimizer")
     rep.sections.append(("trace: one decoder layer, forward + backward", "\n".join(lines)))
-    limit = cfg.memory.planner.time_limit_s
-    rep.layer_plan = plan_layer(tr, time_limit_s=limit)
+    limit, mip = cfg.memory.planner.time_limit_s, cfg.memory.planner.mip_solver
+    rep.layer_plan = plan_layer(tr, time_limit_s=limit, mip_solver=mip)
     rep.sections.append(("level 1: one layer's transient tensors", rep.layer_plan.table("plan").split("\n", 1)[1]))
-    rep.iteration_plan = plan_iteration(tr, rep.layer_plan, args.num_hidden_layers, time_limit_s=limit)
+    rep.iteration_plan = plan_iteration(tr, rep.layer_plan, args.num_hidden_layers, time_limit_s=limit,
+                                        mip_solver=mip)
     rep.sections.append((f"level 2: the iteration ({args.num_hidden_layers} layers, skeletal tensors kept on GPU)",
                          rep.iteration_plan.table("plan").split("\n", 1)[1]))
     act = cfg.memory.activation

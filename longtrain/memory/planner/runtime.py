@@ -228,7 +228,7 @@ class IterationPlan:
 
 
 def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, time_limit_s: float = 60.0,
-                            side_streams: bool = True) -> IterationPlan:
+                            side_streams: bool = True, mip_solver: str = "auto") -> IterationPlan:
     """Plans one recorded iteration (`events` of the core's record, windows `seqs` in order, `layout[p]`
     what window p was).
 
@@ -289,7 +289,7 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
         base = span[p][0]
         sig = tuple((size, t0 - base, t1 - base) for _, size, t0, t1 in reqs)
         if sig not in solved:
-            plan = solve_plan([Request(*r) for r in sig], time_limit_s, alignment=ALIGNMENT,
+            plan = solve_plan([Request(*r) for r in sig], time_limit_s, alignment=ALIGNMENT, mip_solver=mip_solver,
                               info=dict(level=1, window=list(layout[p])))
             solved[sig] = (plan, plan.offsets)
         level1[p] = solved[sig][0]
@@ -302,7 +302,7 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     offsets = [[-1] * len(x) for x in sizes]
     free_at = [[-1] * len(x) for x in sizes]
     if reqs2:
-        level2 = solve_plan(reqs2, time_limit_s, alignment=ALIGNMENT, names=names,
+        level2 = solve_plan(reqs2, time_limit_s, alignment=ALIGNMENT, names=names, mip_solver=mip_solver,
                             info=dict(level=2, windows=n, layer_passes=len(level1), crossing=len(crossing)))
         block = dict(zip(sorted(level1), level2.offsets))
         for p, ks in offs1.items():
@@ -360,6 +360,7 @@ class PlanRuntime:
     device: torch.device
     record_iteration: int = 2  # which iteration (0-based, grad-enabled forwards of the model) is recorded
     time_limit_s: float = 60.0
+    mip_solver: str = "auto"  # solve_plan's: auto (HiGHS where installed, else CBC) | highs | cbc
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
@@ -438,7 +439,7 @@ class PlanRuntime:
         seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
         try:
             plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=self.time_limit_s,
-                                           side_streams=self.side_streams)
+                                           side_streams=self.side_streams, mip_solver=self.mip_solver)
         except ValueError as e:
             self._off()
             log.warning("memory plan: cannot plan the recorded iteration (%s); the fallback allocator serves "
