@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = []
-    print(f"{'n':>3} {'seed':>4} {'lower bd':>9} {'greedy':>9}  " + "  ".join(f"{s + ' peak':>10} {'s':>6}" for s in solvers))
+    head = "  ".join(f"{s + ' peak':>10} {'s':>6}" for s in solvers)
+    print(f"{'n':>3} {'seed':>4} {'lower bd':>9} {'greedy':>9}  {head}")
     for n in sizes:
         for seed in range(a.seeds):
             reqs = random_trace(seed, n)
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
         secs = sum(r["solvers"][s]["time_s"] for r in hard)
         summary[s] = {"traces_greedy_above_bound": len(hard), "at_lower_bound": at_lb, "proven_optimal": proven,
                       "mean_peak_over_lower_bound": round(ratio, 4), "time_s": round(secs, 2)}
-    print(f"\n{len(rows)} traces, {len(hard)} where the greedy plan is above the lower bound (* = proven optimal); on those:")
+    print(f"\n{len(rows)} traces, {len(hard)} where the greedy plan is above the lower bound (* = proven optimal); "
+          "on those:")
     for s, v in summary.items():
         print(f"  {s:<6} at the lower bound {v['at_lower_bound']:>3}, proven optimal {v['proven_optimal']:>3}, "
               f"mean peak/lower bound {v['mean_peak_over_lower_bound']:.4f}, {v['time_s']:.1f} s")

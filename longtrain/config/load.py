@@ -205,6 +205,13 @@ def validate(cfg: Config) -> None:
     _positive("memory.activation.mlp_chunk_tokens", act.mlp_chunk_tokens, allow_zero=True)
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)
     _choice("memory.planner.mip_solver", cfg.memory.planner.mip_solver, list(PLANNER_MIP_SOLVERS))
+    if cfg.memory.planner.mip_solver == "highs":  # installed here? (the process that plans loads this config)
+        from longtrain.memory.planner.core import mip_solver_name
+
+        try:
+            mip_solver_name("highs")
+        except ValueError as e:
+            raise ConfigError(f"memory.planner.{e}") from None
     _positive("memory.planner.record_iteration", cfg.memory.planner.record_iteration, allow_zero=True)
     _validate_finetune(cfg)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])

@@ -175,6 +175,8 @@ def test_mip_solver_auto_is_highs_where_installed_else_cbc(monkeypatch):
     assert mip_solver_name("auto") == "cbc"
     with pytest.raises(ValueError, match=r"needs the highspy package: `pip install longtrain\[highs\]`"):
         solve_plan([Request(4, 0, 1)], mip_solver="highs")
+    with pytest.raises(ConfigError, match=r"memory.planner.mip_solver='highs' needs the highspy package"):
+        load_config("debug", ["memory.planner.mip_solver=highs"])  # said when the recipe loads
     with pytest.raises(ValueError, match="mip_solver='gurobi': use one of auto, highs, cbc"):
         solve_plan([Request(4, 0, 1)], mip_solver="gurobi")
     assert load_config("debug", []).memory.planner.mip_solver == "auto"

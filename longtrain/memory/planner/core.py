@@ -1,6 +1,7 @@
 """Offline dynamic storage allocation: requests with sizes and lifetimes -> offsets in one region.
 
-Pure, deterministic Python (PuLP for the MIP: HiGHS where highspy is installed, else CBC); no torch. DESIGN.md section 3, "MEMO bi-level MIP".
+Pure, deterministic Python (PuLP for the MIP: HiGHS where highspy is installed, else CBC); no torch.
+DESIGN.md section 3, "MEMO bi-level MIP".
 
 A request i has a size s_i (bytes) and a half-open lifetime [t_i, e_i) in event order. Two requests
 *conflict* when their lifetimes overlap (t_i < e_j and t_j < e_i); conflicting requests must not overlap
