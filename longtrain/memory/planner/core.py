@@ -23,6 +23,7 @@ request lies below the peak.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -394,9 +395,10 @@ def solve_plan(requests: Sequence[Request], time_limit_s: float = 60.0, *, align
     return plan
 
 
+@functools.cache
 def _highs_warm_started():
     """PuLP's HiGHS interface, handing HiGHS the variables' initial values (the greedy plan) as a start:
-    PuLP passes warm starts to CBC only."""
+    PuLP passes warm starts to CBC only. Made once, on first use (PuLP is imported lazily)."""
     import numpy as np
     import pulp
 

@@ -763,8 +763,6 @@ def _cudart_path() -> str:
     raise RuntimeError("the CUDA runtime library (libcudart) is not loaded by this torch")
 
 
-
-
 def install_cuda_allocator(device_index: int = 0, fallback: str = "caching") -> Core:
     """Make the planned allocator this process's CUDA allocator (before CUDA allocates anything).
 
