@@ -370,12 +370,12 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
     # read before the profiled step: the profiler's own host memory is not the recipe's
     timed_peaks = gpu_peaks()
     peaks = tuple(max(w, t) for w, t in zip(warm_peaks, timed_peaks))
-    plan_rt = getattr(trainer.model, "plan_runtime", None) if mesh.is_main else None  # rank 0 reports
-    planner = None if plan_rt is None else {"state": plan_rt.state, "summary": plan_rt.summary(),
-                                            "at_plan": plan_rt.at_plan, "refusals": plan_rt.refusal_report(),
-                                            "unplanned": plan_rt.plan.unplanned if plan_rt.plan else {},
-                                            "lifetimes": plan_rt.lifetime_report(),
-                                            **plan_rt.core.stats()}
+    plan_rt = getattr(trainer.model, "plan_runtime", None)
+    planner = None if plan_rt is None else plan_rt.report()  # rank 0's; every rank's when there are several
+    planner_ranks = None
+    if planner is not None and mesh.distributed:  # each rank plans its own requests (sp: its own shard's)
+        planner_ranks = [None] * mesh.world_size
+        dist.all_gather_object(planner_ranks, planner)
     mem = torch.tensor([peaks[0], peaks[1],
                         streams.stats.host_bytes_pinned / 2**30 if streams is not None else 0.0,
                         host_peak_rss_gib(), timed_peaks[0], timed_peaks[1]], dtype=torch.float64, device=mesh.device)
@@ -426,7 +426,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         "not_measured_why": why,
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "git_sha": git_sha(), "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "cuda_allocator": allocator, "planner": planner, "memory_snapshot": snapshot_file,
+        "cuda_allocator": allocator, "planner": planner, "planner_ranks": planner_ranks, "memory_snapshot": snapshot_file,
         "gpu_budget_gib": gpu_budget_gib or None,
     }
 
@@ -467,6 +467,7 @@ def print_record(r: dict) -> None:
     mfu_m = (f"{100 * r['mfu_measured']:.2f}% of {r['matmul_tflops']:.0f} TFLOP/s (bf16 matmul "
              f"{r['matmul_n']}^3 measured here)" if r["mfu_measured"] is not None else f"n/a ({r['mfu_note']})")
     split = r["time_split"]
+    plans = r.get("planner_ranks") or ([r["planner"]] if r.get("planner") else [])
     copies = (f"; swap copy streams busy {1e3 * split['swap_d2h_busy_s']:.1f} ms D2H, "
               f"{1e3 * split['swap_h2d_busy_s']:.1f} ms H2D (hidden or not)" if "swap_d2h_busy_s" in split else "")
     missing = (f"; not measured: {', '.join(r['not_measured'])} ({r['not_measured_why']})" if r["not_measured"]
@@ -489,11 +490,9 @@ def print_record(r: dict) -> None:
         f"  time split          step {1e3 * split['step_s']:.1f} ms (median){copies}{missing}",
         *_split_lines(r),
         f"  loss                {r['loss_first']:.4f} -> {r['loss_last']:.4f}",
-        *([] if not r.get("planner") else [
-            f"  memory plan         {r['planner']['state']}: {r['planner']['summary']}; requests served from the "
-            f"plan {r['planner']['served']:,}, by the fallback {r['planner']['fallback']:,}, misses "
-            f"{r['planner']['miss_size'] + r['planner']['miss_length'] + r['planner']['miss_stream']}, refused "
-            f"{r['planner']['refused_overlap']}"]),
+        *[f"  memory plan{'' if len(plans) == 1 else ' rank ' + str(p['rank']):<8} {p['state']}: {p['summary']}; "
+          f"requests served from the plan {p['served']:,}, by the fallback {p['fallback']:,}, misses "
+          f"{p['miss_size'] + p['miss_length'] + p['miss_stream']}, refused {p['refused_overlap']}" for p in plans],
     ]), flush=True)
 
 

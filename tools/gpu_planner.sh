@@ -6,7 +6,7 @@
 #   R=$OUT; OUT=/tmp/res timeout 560 bash tools/gpu_planner.sh side; tar czf $R/res.tgz -C /tmp/res .
 # Parts:
 #   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
-#   side    the 8B shape, 4 layers, 128K tokens, swap auto, ZeRO-3 with the optimizer offloaded: the three
+#   side    the 8B shape, 4 layers, 128K tokens (per GPU, with SP=N), swap auto, ZeRO-3 with the optimizer offloaded: the three
 #           allocators side by side (4 warm-up steps: the third is recorded and the fourth plans, or with
 #           planned-early the second and the third; 3 timed steps replay). Variants: caching expandable
 #           planned planned-early planned-check (check mode: the record lists lifetime breaks) planned-noside
@@ -22,6 +22,15 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 R=recipes/llama3-8b-1m-4gpu.yaml
 ONE="parallel.sp.degree=1 launch.nproc=1"
+# side with SP=N (kind nvidia-h200-xN): sequence parallelism over N GPUs (SP_METHOD, default ring), 128K
+# tokens per GPU (or SEQ tokens in all); each rank plans its own requests and the record lists every rank's plan (planner_ranks)
+SP=${SP:-1}
+SEQ=${SEQ:-$((131072 * SP))}  # side: the tokens of a sequence (all GPUs together)
+LAUNCH="python3"
+if [ "$SP" -gt 1 ]; then
+  ONE="parallel.sp.degree=$SP launch.nproc=$SP parallel.sp.method=${SP_METHOD:-ring}"
+  LAUNCH="torchrun --standalone --nproc-per-node $SP"
+fi
 filter() { grep -v "^W1\|^\*\*\*\|OMP_NUM\|USDT\|UserWarning\|_warn_once" ; }
 variant() {  # name -> overrides
   case $1 in
@@ -48,8 +57,9 @@ case "${1:-}" in
     SNAP="$OUT/snapshot_caching.pickle"  # the caching allocator's step, drawn beside the plans (name it first)
     for v in ${2:-caching expandable planned}; do
       extra=""; [ "$v" = caching ] && extra="--memory-snapshot $SNAP"
-      timeout 300 python3 tools/bench_train.py $R $ONE data.seq_len=131072 $(variant $v) train.output_dir="$OUT/run_$v" \
-        --layers 4 --steps 3 --warmup 4 --no-profile-step $extra --json "$OUT/planner_side.json" 2>&1 | filter \
+      timeout 300 $LAUNCH tools/bench_train.py $R $ONE data.seq_len=$SEQ $(variant $v) \
+        train.output_dir="$OUT/run_$v" --layers 4 --steps 3 --warmup 4 --no-profile-step $extra \
+        --json "$OUT/planner_side.json" 2>&1 | filter \
         | tee "$OUT/side_$v.log" | tail -14
       for lv in level2 level1_largest; do  # the plans the runtime saved, drawn (time x, address y)
         P="$OUT/run_$v/memory_plan_runtime_rank0_$lv.json"

@@ -195,10 +195,19 @@ class Trainer:
         mb = self.cfg.train.micro_batch_size
         return [self._to_device(collate(samples[i:i + mb]), BATCH_KEYS) for i in range(0, len(samples), mb)]
     def train_step(self) -> dict:
+        """One optimizer step (all its micro-steps); with the planner on, one planned iteration: what runs
+        between steps (evaluation, checkpoints) is none of it."""
+        t0 = time.perf_counter()  # the step's time includes making the plan, in the step that makes it
+        if self.plan_runtime is None:
+            return self._step(t0)
+        self.plan_runtime.begin_iteration()
+        try:
+            return self._step(t0)  # whose locals (the batch, the loss) are gone when it returns
+        finally:
+            self.plan_runtime.end_iteration()
+
+    def _step(self, t0: float) -> dict:
         t, mesh = self.cfg.train, self.mesh
-        t0 = time.perf_counter()
-        if self.plan_runtime is not None:
-            self.plan_runtime.begin_iteration()
         batches = self._micro_batches()
         n_tok = sum((b["labels"] != -100).sum() for b in batches).to(torch.float64)
         global_tokens = all_reduce_sum(n_tok.clone(), mesh).item()
@@ -378,6 +387,8 @@ class Trainer:
             watchdog.disarm()
             stop.restore()
             logger.close()
+            if self.plan_runtime is not None:  # on every rank (each plans its own requests), also after an error
+                self.plan_runtime.save_report()
 
 
 def _is_comm_error(e: RuntimeError) -> bool:

@@ -6,6 +6,7 @@ CUDA events for tickets a test completes. The GPU half (torch's allocator replac
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import random
@@ -588,6 +589,12 @@ def test_runtime_records_then_replays_both_levels(core, caplog, tmp_path):
     assert s2["miss_size"] == 12 and s2["served"] == s["served"]  # 6 layer passes x 2 steps, none served
     assert "size differs from the plan" in caplog.text
     assert s2["allocated"] == 0  # every request came back
+    path = rt.save_report()  # what the trainer writes when training ends
+    assert path == str(tmp_path / "run" / "memory_plan_runtime_rank0_report.json")
+    rep = json.loads(Path(path).read_text())
+    assert (rep["state"], rep["served"], rep["miss_size"], rep["refused_overlap"]) == (
+        "replay", s2["served"], 12, s1["refused_overlap"])
+    assert rep["refusals"][0]["in_the_way"]["pass"] == "fwd1" and rep["lifetimes"][0]["freed_in"] == "8:bwd1"
 
 
 class _Embed(torch.autograd.Function):
@@ -671,7 +678,35 @@ def test_with_gradient_accumulation_an_iteration_is_the_trainers_step(core, iter
         assert rt.iteration == 11 and s["miss_length"] > 0  # the optimizer's request after every other forward
 
 
+def test_what_runs_between_the_trainers_steps_is_no_part_of_the_plan(core):
+    """The trainer ends each iteration when its step returns (`end_iteration`): what runs between steps
+    (an evaluation, a checkpoint: after some steps only, each of another size) is served by the fallback
+    with no miss, the recorded step's aftermath takes no room in the plan, and a tensor made in the step
+    and freed after it (the loss the trainer logs) is left out of the plan."""
+    net = _Net(core)
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, check=True)  # records iteration 2
+    attach_windows(net.layers, rt, model=net)
+    rt.iterations = "step"
+    for step in range(7):
+        rt.begin_iteration()
+        net(torch.ones(4, requires_grad=True)).sum().backward()
+        loss = core.malloc(512, S1)
+        rt.end_iteration()
+        core.free(loss, S1)
+        for _ in range(step % 3):  # after steps 1, 2 (the recorded one), 4 and 5
+            core.free(core.malloc((1 << 20) + 4096 * step, S1), S1)
+    s = core.stats()
+    assert rt.state == "replay" and rt.iteration == 6
+    assert s["served"] == 4 * rt.plan.planned() > 0  # steps 3-6, whole
+    assert all(s[k] == 0 for k in ("miss_size", "miss_length", "miss_stream", "refused_overlap", "check_lifetime",
+                                   "check_leaked")), s
+    assert rt.plan.region_bytes < 1 << 20  # the megabytes after the recorded step are not in it
+    assert sum(u["requests"] for u in rt.plan.unplanned.values()) == 1  # the loss, freed after the step
+    assert s["allocated"] == 0
+
+
 _TRAINER_SCRIPT = r"""
+import json
 import sys
 import torch
 from longtrain.config import load_config
@@ -680,7 +715,8 @@ from longtrain.parallel import init_mesh, parallelize
 from longtrain.train.trainer import Trainer
 
 def attach(model, cfg, device, rank=0):  # what apply_memory_plan does on CUDA, with a host core
-    model.plan_runtime = PlanRuntime(host_core(), device, stream_of=lambda: 1)
+    model.plan_runtime = PlanRuntime(host_core(), device, stream_of=lambda: 1, save_dir=cfg.train.output_dir,
+                                     rank=rank)
     attach_windows(model.model.layers, model.plan_runtime, model=model)
     return model
 
@@ -690,21 +726,22 @@ cfg = load_config("debug", ["parallel.engine=torch", "memory.planner.enabled=tru
                             "train.output_dir=" + sys.argv[1]])
 mesh = init_mesh(cfg.train.device, cfg.launch.backend, cfg.launch.timeout_s, need_group=False)
 tr = Trainer(cfg, mesh)
-tr.begin_stage(0)
 forwards = []
-tr.model.register_forward_pre_hook(lambda *a: forwards.append(1))
-for _ in range(3):
-    tr.train_step()
+tr.model.register_forward_pre_hook(lambda *a: forwards.append(1))  # training forwards (eval calls model.model)
+tr.run()
 rt = tr.model.plan_runtime
-print("RESULT", cfg.train.grad_accum, len(forwards), rt.iterations, rt.iteration, rt.state)
+report = json.load(open(sys.argv[1] + "/memory_plan_runtime_rank0_report.json"))  # written when training ends
+print("RESULT", cfg.train.grad_accum, len(forwards), rt.iterations, rt.iteration, rt.state, report["state"],
+      report["served"] + report["fallback"])
 """
 
 
 def test_the_trainers_step_starts_the_planned_iteration(tmp_path):
     """With the planner on, the trainer's step, not each forward, starts an iteration: under the debug
     recipe's gradient accumulation (2 micro-steps) three steps are iterations 0-2 and the third is
-    recorded. The planned allocator needs CUDA; a host core stands in (CPU tensors ask it for nothing:
-    what is tested is who starts the iterations)."""
+    recorded; when training ends the runtime's report is in the run directory. The planned allocator needs
+    CUDA; a host core stands in (CPU tensors ask it for nothing: what is tested is who starts the
+    iterations, and that the report is written)."""
     import subprocess
     import sys
 
@@ -714,7 +751,7 @@ def test_the_trainers_step_starts_the_planned_iteration(tmp_path):
                        text=True, timeout=300, env=env, cwd=root)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
-    assert line.split()[1:] == ["2", "6", "step", "2", "recording"]
+    assert line.split()[1:] == ["2", "6", "step", "2", "recording", "recording", "0"]  # CPU tensors: no request
 
 
 class _Gathered(torch.autograd.Function):

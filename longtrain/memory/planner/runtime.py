@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
+import json
 import importlib
 import logging
 import os
@@ -398,6 +399,18 @@ class PlanRuntime:
         self._next_iteration()
         self._open(("gap", -1))
 
+    def end_iteration(self) -> None:
+        """The iteration is over (the trainer's step returned): no window is open until the next one, so
+        what runs between steps (evaluation, checkpoints, the export at the end) is neither recorded nor
+        matched against the plan; the fallback serves it, and it costs no miss, though it differs from
+        one step to the next."""
+        if self.state == "off":
+            return
+        if self.state == "recording":
+            self.core.lib.lt_set_record(0)  # the plan is made when the next iteration starts, as without this
+        self.open_window = None
+        self.core.window_end()
+
     def begin(self, layer: int, kind: str) -> None:
         if kind == "fwd" and layer == 0 and self.iterations == "layer0":
             self._next_iteration()
@@ -483,19 +496,47 @@ class PlanRuntime:
     def _save(self, plan: IterationPlan) -> None:
         """Level 2 and the largest level-1 plan as JSON (`tools/plan_memory.py --png P --plan FILE` draws
         them); a write that fails is warned, not fatal: the plan in memory is what serves."""
-        out = Path(self.save_dir)
-        stem = f"memory_plan_runtime_rank{self.rank}"
         largest = max(plan.level1.values(), key=lambda x: x.peak_bytes, default=None)
+        for part, mp in (("level2", plan.level2), ("level1_largest", largest)):
+            if mp is not None:
+                self._write(part, mp.to_json)
+
+    def _write(self, part: str, write) -> str | None:
+        """`write(path)` into the run directory as memory_plan_runtime_rank{rank}_{part}.json, whole or not
+        at all (a temporary file renamed); a failure is warned, not fatal."""
+        out = Path(self.save_dir)
+        path = out / f"memory_plan_runtime_rank{self.rank}_{part}.json"
         try:
             out.mkdir(parents=True, exist_ok=True)
-            for name, mp in ((f"{stem}_level2.json", plan.level2), (f"{stem}_level1_largest.json", largest)):
-                if mp is not None:
-                    tmp = out / (name + ".tmp")
-                    mp.to_json(tmp)
-                    tmp.replace(out / name)
-                    self.saved.append(str(out / name))
+            tmp = path.with_name(path.name + ".tmp")
+            write(tmp)
+            tmp.replace(path)
         except OSError as e:
-            log.warning("memory plan: could not save the plan to %s (%s); training goes on", out, e)
+            log.warning("memory plan: could not save %s to %s (%s); training goes on", part, out, e)
+            return None
+        self.saved.append(str(path))
+        return str(path)
+
+    def report(self) -> dict:
+        """What the plan did on this rank: its state and summary, the core's counters (requests served,
+        left to the fallback, missed, refused; bytes), the fallback's bytes when the plan was made, the
+        most frequent refusals and lifetime breaks, and why requests were left out of the plan."""
+        return {"rank": self.rank, "state": self.state, "summary": self.summary(), "at_plan": self.at_plan,
+                "layout_misses": self.layout_misses, "refusals": self.refusal_report(),
+                "lifetimes": self.lifetime_report(), "unplanned": self.plan.unplanned if self.plan else {},
+                **self.core.stats()}
+
+    def save_report(self) -> str | None:
+        """`report()` as memory_plan_runtime_rank{rank}_report.json in the run directory (the trainer
+        writes it when training ends, on every rank: each rank plans its own requests); its path."""
+        if not self.save_dir:
+            return None
+        rep = self.report()
+
+        def write(path):
+            path.write_text(json.dumps(rep, indent=1))
+
+        return self._write("report", write)
 
     def _off(self) -> None:
         """No plan will serve: the fallback keeps what it frees from now on (the pool, like a caching allocator)."""
