@@ -57,7 +57,7 @@ case "${1:-}" in
     SNAP="$OUT/snapshot_caching.pickle"  # the caching allocator's step, drawn beside the plans (name it first)
     for v in ${2:-caching expandable planned}; do
       extra=""; [ "$v" = caching ] && extra="--memory-snapshot $SNAP"
-      timeout 300 $LAUNCH tools/bench_train.py $R $ONE data.seq_len=$SEQ $(variant $v) \
+      timeout ${SIDE_TIMEOUT:-300} $LAUNCH tools/bench_train.py $R $ONE data.seq_len=$SEQ $(variant $v) \
         train.output_dir="$OUT/run_$v" --layers 4 --steps 3 --warmup 4 --no-profile-step $extra \
         --json "$OUT/planner_side.json" 2>&1 | filter \
         | tee "$OUT/side_$v.log" | tail -14
