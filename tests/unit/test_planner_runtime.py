@@ -200,6 +200,7 @@ def test_stream_ordered_reuse_guards_every_stream_and_every_byte(core):
     assert core.malloc(512, S1) == base and _waits(core) == (1, (S1, 1))
     core.window_begin(2, S3)  # another stream asks for the other half of `a`'s bytes
     assert core.malloc(512, S3) == base + 512 and _waits(core) == (2, (S3, 1))  # it waits for S2 as well
+    assert core.wait_pairs() == [(S1, S2, 1, 0), (S3, S2, 1, 0)]  # (waiting, on, reuse waits, cross waits)
     core.lib.lt_host_complete_events()
     core.lib.lt_flush(0)
     core.window_begin(3, S1)
@@ -226,6 +227,7 @@ def test_side_stream_request_takes_a_main_stream_slot_after_its_stream_waits(cor
     core.free(b, S2)  # b leaves a ghost on S2: the next S1 request over it waits for S2 (ticket 2)
     c = core.malloc(512, S1)
     assert c == base and _waits(core) == (2, (S1, 2))  # not for S1's own ghost: stream order covers it
+    assert core.wait_pairs() == [(S2, S1, 0, 1), (S1, S2, 0, 1)]
     core.free(c, S1)  # no ghost: the plan says no other stream takes these bytes after it
     assert core.stats()["ghosts"] == 2
     core.lib.lt_host_complete_events()
@@ -811,6 +813,9 @@ def test_side_stream_gathers_are_planned_and_reused_in_stream_order(core, side_s
         # the plan gives a gather's bytes to main-stream temporaries (and back): both leave ghosts, and
         # within a step (before the device catches up) the other stream waits for them
         assert any(rt.plan.ghosts[p][k] for p, k in gathers) and s["cross_stream_waits"] > 0
+        waits = rt.report()["waits"]  # by stream pair, named from the windows' stream
+        assert {(w["waiting"], w["on"]) for w in waits} <= {("main", f"stream {S2:#x}"), (f"stream {S2:#x}", "main")}
+        assert sum(w["cross_stream_waits"] for w in waits) == s["cross_stream_waits"]
     else:
         assert rt.plan.unplanned["side_stream"]["requests"] == 6
         assert all(rt.plan.offsets[p][k] == -1 for p, k in gathers) and s["served"] == 2 * 6

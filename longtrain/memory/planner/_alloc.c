@@ -170,7 +170,7 @@ static int64_t nlive, live_cap, live_bytes;
 static struct { int active, plan, asked, off; int64_t seq, k; stream_t stream; } win;
 static int64_t next_seq, next_id;
 
-typedef struct { block_t *b; int nev; void *ev[MAX_STREAMS]; } deferred_t;
+typedef struct { block_t *b; int nev; void *ev[MAX_STREAMS]; stream_t on[MAX_STREAMS]; } deferred_t;
 static deferred_t *deferred;
 static int64_t ndeferred, deferred_cap;
 
@@ -395,6 +395,29 @@ static void prune_ghosts(int all) {
     st[S_GHOSTS] = nghosts;
 }
 
+/* The waits queued so far, by (waiting stream, stream of the event it waits for): which streams the plan
+ * orders behind which (a diagnosis: a wait on a stream that queues far ahead, a communication stream say,
+ * can hold back the waiting one). Pairs past WAIT_PAIRS are counted in the last one, `on` set to 0. */
+#define WAIT_PAIRS 32
+typedef struct { stream_t waiting, on; int64_t reuse, cross; } wait_pair_t;
+static wait_pair_t wait_pairs[WAIT_PAIRS];
+static int nwait_pairs;
+
+static void note_wait(stream_t waiting, stream_t on, int cross) {
+    int i;
+    for (i = 0; i < nwait_pairs && !(wait_pairs[i].waiting == waiting && wait_pairs[i].on == on); i++) {}
+    if (i == nwait_pairs) {
+        if (nwait_pairs < WAIT_PAIRS) {
+            wait_pairs[nwait_pairs++] = (wait_pair_t){waiting, on, 0, 0};
+        } else {
+            i = WAIT_PAIRS - 1;
+            wait_pairs[i].on = 0;
+        }
+    }
+    if (cross) wait_pairs[i].cross++;
+    else wait_pairs[i].reuse++;
+}
+
 /* Queue on `stream` a wait for `ev` (host backend: count it); 0 ok. */
 static int stream_wait(stream_t stream, void *ev) {
     if (backend == BACKEND_HOST) {
@@ -449,6 +472,7 @@ static int64_t claim_slot(int64_t off, int64_t size, stream_t stream) {
         if (event_done(g->ev)) continue;
         if (stream_wait(stream, g->ev)) return -2; /* cannot order the reuse: refuse */
         st[S_CROSS_WAITS]++;
+        note_wait(stream, g->stream, 1);
     }
     if (!nfreed) return -1;
     for (int64_t i = 0; i < nlive; i++) {
@@ -458,8 +482,9 @@ static int64_t claim_slot(int64_t off, int64_t size, stream_t stream) {
         if (d == ndeferred) continue; /* released meanwhile: nothing to wait for */
         for (int e = 0; e < deferred[d].nev; e++) {
             void *ev = deferred[d].ev[e];
-            if (event_done(ev)) continue;
+            if (deferred[d].on[e] == stream || event_done(ev)) continue; /* own stream: its order covers it */
             if (stream_wait(stream, ev)) return -2; /* cannot order the reuse: refuse */
+            note_wait(stream, deferred[d].on[e], 0);
         }
         st[S_REUSE_WAITS]++;
     }
@@ -710,7 +735,7 @@ void lt_free(void *ptr, size_t size, int device, stream_t stream) {
             deferred = n;
             deferred_cap = cap;
         }
-        deferred_t d = {b, 0, {0}};
+        deferred_t d = {b, 0, {0}, {0}};
         b->freed = 1;
         if (b->rec_overflow) {
             if (backend == BACKEND_CUDA) c_device_sync();
@@ -724,6 +749,7 @@ void lt_free(void *ptr, size_t size, int device, stream_t stream) {
                     if (ev) c_event_destroy(ev);
                     continue; /* synchronised: this stream is done with the block */
                 }
+                d.on[d.nev] = b->rec[i];
                 d.ev[d.nev++] = ev;
             }
         }
@@ -795,6 +821,21 @@ int64_t lt_lifetimes(int64_t *out, int64_t max) {
     pthread_mutex_lock(&mu);
     int64_t n = nlifetimes < max ? nlifetimes : max;
     memcpy(out, lifetimes, (size_t)n * 5 * sizeof(int64_t));
+    pthread_mutex_unlock(&mu);
+    return n;
+}
+
+/* the wait pairs (see note_wait): 4 int64 each (waiting stream, stream waited on, reuse waits, cross-stream
+ * waits); returns how many */
+int64_t lt_wait_pairs(int64_t *out, int64_t max) {
+    pthread_mutex_lock(&mu);
+    int64_t n = nwait_pairs < max ? nwait_pairs : max;
+    for (int64_t i = 0; i < n; i++) {
+        out[4 * i] = (int64_t)(intptr_t)wait_pairs[i].waiting;
+        out[4 * i + 1] = (int64_t)(intptr_t)wait_pairs[i].on;
+        out[4 * i + 2] = wait_pairs[i].reuse;
+        out[4 * i + 3] = wait_pairs[i].cross;
+    }
     pthread_mutex_unlock(&mu);
     return n;
 }

@@ -119,6 +119,7 @@ class Core:
                "lt_empty_cache": (None, []), "lt_pool_keep": (i32, [i32]),
                "lt_host_limit": (None, [i64]), "lt_refusals": (i64, [ctypes.POINTER(i64), i64]),
                "lt_host_waits": (i64, [ctypes.POINTER(i64)]), "lt_lifetimes": (i64, [ctypes.POINTER(i64), i64]),
+               "lt_wait_pairs": (i64, [ctypes.POINTER(i64), i64]),
                "lt_set_fallback": (None, [vp, vp, vp, vp, vp])}
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
@@ -182,6 +183,12 @@ class Core:
         """Check mode's logged lifetime breaks (the first 4096): (plan, k, size, the window the plan frees
         it in, the window that did: -1 outside any)."""
         return self._log(self.lib.lt_lifetimes, 5, limit)
+
+    def wait_pairs(self, limit: int = 32) -> list[tuple[int, int, int, int]]:
+        """The stream waits the core queued so far, by pair: (waiting stream, stream whose event it waits
+        for, waits for a freed block another stream still read (record_stream), waits for a ghost of
+        another stream). Only waits on events not yet complete are queued and counted."""
+        return self._log(self.lib.lt_wait_pairs, 4, limit)
 
     def stats(self) -> dict[str, int]:
         buf = (ctypes.c_int64 * len(STAT_NAMES))()
@@ -524,7 +531,19 @@ class PlanRuntime:
         return {"rank": self.rank, "state": self.state, "summary": self.summary(), "at_plan": self.at_plan,
                 "layout_misses": self.layout_misses, "refusals": self.refusal_report(),
                 "lifetimes": self.lifetime_report(), "unplanned": self.plan.unplanned if self.plan else {},
-                **self.core.stats()}
+                "waits": self.wait_report(), **self.core.stats()}
+
+    def wait_report(self) -> list[dict]:
+        """Which stream the plan's reuse made wait for which, and how often (`Core.wait_pairs`), most first:
+        a stream that queues far ahead of the one waiting for it (a communication stream, say) holds that
+        one back. Streams are named `main` (the windows' stream, where the model computes) or by handle."""
+        main = self.stream_of()
+
+        def name(h):
+            return "main" if h == main else ("(others)" if h == 0 else f"stream {h:#x}")
+
+        pairs = sorted(self.core.wait_pairs(), key=lambda x: -(x[2] + x[3]))
+        return [{"waiting": name(w), "on": name(o), "reuse_waits": r, "cross_stream_waits": c} for w, o, r, c in pairs]
 
     def save_report(self) -> str | None:
         """`report()` as memory_plan_runtime_rank{rank}_report.json in the run directory (the trainer
