@@ -11,10 +11,12 @@
 #           planned-early the second and the third; 3 timed steps replay). Variants: caching expandable
 #           planned planned-early planned-check (check mode: the record lists lifetime breaks) planned-noside
 #           (side streams' requests left to the fallback: memory.planner.side_streams=false) planned-caching
-#           (torch's caching allocator behind the plan: memory.planner.fallback=caching, the default) and
-#           planned-pool (memory.planner.fallback=pool); default the first three. A planned variant's saved
-#           plans (JSON) and their pictures land in $OUT too, level 2 beside the caching run's snapshot of one
-#           step (bench_train --memory-snapshot) when caching ran first
+#           (torch's caching allocator behind the plan: memory.planner.fallback=caching, the default),
+#           planned-pool (memory.planner.fallback=pool) and planned-release (a tensor other streams still
+#           read is reused from where the recording saw them done: memory.planner.reuse_after=release);
+#           default the first three. A planned variant's saved plans (JSON) and their pictures land in $OUT
+#           too, level 2 beside the caching run's snapshot of one step (bench_train --memory-snapshot) when
+#           caching ran first
 #   fits    within a GPU budget (GiB; a ballast takes the rest), one attempt per allocator:length pair
 #   maxlen  BUDGET STEP V:START:CAP...: the longest sequence each allocator trains (fresh process per attempt)
 #           within a GPU budget; an attempt near 128K costs 80-100 s of device time, so bracket each search
@@ -42,6 +44,7 @@ variant() {  # name -> overrides
     planned-early) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.record_iteration=1" ;;
     planned-check) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.check=true" ;;
     planned-caching) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=caching" ;;
+    planned-release) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.reuse_after=release" ;;
   esac
 }
 case "${1:-}" in

@@ -125,21 +125,26 @@ def _load_snapshot(path: str) -> dict:
 
 def plan_snapshot(snap: dict, first: int = 0, last: int | None = None, time_limit_s: float = 60.0):
     """Plan the trace's requests [first, last) and set the plan beside the allocator: (plan, row)."""
-    from longtrain.memory.planner import solve_plan
+    from longtrain.memory.planner import lower_bound, solve_plan
 
     reqs = [b.request for b in blocks_from_snapshot(snap, 0, first, last)]
     if not reqs:
         raise ValueError(f"no allocation among the trace's actions [{first}:{last}]")
     plan = solve_plan(reqs, time_limit_s=time_limit_s)
     peaks = allocator_peaks(snap) if first == 0 and last is None else {}
+    at_free = lower_bound([b.request for b in blocks_from_snapshot(snap, 0, first, last, ends="requested")])
     row = {"requests": len(reqs), "lower_bound_bytes": plan.lower_bound_bytes, "plan_peak_bytes": plan.peak_bytes,
-           "plan_ratio": plan.ratio, "solver": plan.solver, "window": [first, last], **peaks}
+           "plan_ratio": plan.ratio, "solver": plan.solver, "window": [first, last],
+           "lower_bound_at_free_bytes": at_free, **peaks}
     return plan, row
 
 
 def snapshot_table(row: dict) -> str:
     lines = [f"requests              {row['requests']}",
-             f"lower bound           {row['lower_bound_bytes'] / GIB:.3f} GiB (max live bytes)",
+             f"lower bound           {row['lower_bound_bytes'] / GIB:.3f} GiB (max live bytes, each block live until "
+             "the allocator released it: memory.planner.reuse_after=release)",
+             f"  ... to the free     {row['lower_bound_at_free_bytes'] / GIB:.3f} GiB (until the program freed it, "
+             "though another stream still read it: reuse_after=free)",
              f"plan peak             {row['plan_peak_bytes'] / GIB:.3f} GiB ({row['plan_ratio']:.4f} x LB, {row['solver']})"]
     if "reserved_peak_bytes" in row:
         lines += [f"allocator allocated   {row['allocated_peak_bytes'] / GIB:.3f} GiB (peak of live blocks)",

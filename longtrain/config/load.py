@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_MIP_SOLVERS, Config, DataConfig
+from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_MIP_SOLVERS, PLANNER_REUSE_AFTER, Config, DataConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # longtrain/recipes: the repo's recipes/, shipped in the wheel
 
@@ -201,6 +201,7 @@ def validate(cfg: Config) -> None:
                           f"{act.layer_fwd_ms}")
     _choice("memory.allocator", cfg.memory.allocator, ["expandable", "default"])
     _choice("memory.planner.fallback", cfg.memory.planner.fallback, list(PLANNER_FALLBACKS))
+    _choice("memory.planner.reuse_after", cfg.memory.planner.reuse_after, list(PLANNER_REUSE_AFTER))
     _positive("memory.activation.chunk_tokens", act.chunk_tokens, allow_zero=True)
     _positive("memory.activation.mlp_chunk_tokens", act.mlp_chunk_tokens, allow_zero=True)
     _positive("memory.planner.time_limit_s", cfg.memory.planner.time_limit_s)

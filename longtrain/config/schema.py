@@ -109,6 +109,7 @@ class ActivationConfig:
 
 PLANNER_FALLBACKS = ("caching", "pool")  # memory.planner.fallback's choices
 PLANNER_MIP_SOLVERS = ("auto", "highs", "cbc")  # memory.planner.mip_solver's choices (solve_plan's mip_solver)
+PLANNER_REUSE_AFTER = ("free", "release")  # memory.planner.reuse_after's choices (plan_recorded_iteration's)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class PlannerConfig:
     record_iteration: int = 2  # which training iteration (0-based) is recorded and planned; later ones replay it. The first allocates gradients and buffers once; under ZeRO-3 the second still differs from later ones where the model's forward starts (measured on an H200: one size miss per iteration with 1, none with 2)
     side_streams: bool = True  # also plan the requests made on side streams (ZeRO-3's parameter gathers, the swap's prefetch buffers); a request on another stream over a freed tensor's bytes waits for that tensor's stream first; false: the fallback serves them
     check: bool = False  # also count planned blocks whose lifetime differs from the plan (freed outside their layer pass, or still live at its end); overlap is refused always
+    reuse_after: str = "free"  # a tensor that another stream still reads when the program frees it (record_stream: NCCL's collectives, the swap's copies, ZeRO-3) gives its bytes to later requests from: free (the program's free; the next tensor's stream first waits for that stream: the least memory) | release (where the recorded iteration saw that stream done, as the caching allocator reuses it: more memory, fewer waits). Under sp=2 on two H200s free stepped 1.13x slower than the caching allocator (docs/memory-planner.md); release is not measured on a GPU yet
     fallback: str = "caching"  # what serves the requests the plan does not (warm-up, weights, optimizer state, side streams): caching (torch's caching allocator in memory.allocator's mode) | pool (CUDA's cudaMallocAsync pool). Both measured on an H200: caching reserved less and stepped faster (docs/memory-planner.md)
 
 

@@ -33,7 +33,8 @@ def apply_memory_plan(model: nn.Module, cfg, device: torch.device, rank: int = 0
     pc = cfg.memory.planner
     model.plan_runtime = PlanRuntime(core, device, record_iteration=pc.record_iteration,
                                      time_limit_s=pc.time_limit_s, mip_solver=pc.mip_solver, check=pc.check,
-                                     side_streams=pc.side_streams, save_dir=cfg.train.output_dir, rank=rank)
+                                     side_streams=pc.side_streams, reuse_after=pc.reuse_after,
+                                     save_dir=cfg.train.output_dir, rank=rank)
     attach_windows(model.model.layers, model.plan_runtime, model=model)
     log.info("memory plan: %d layers are windows of the planned allocator; iteration %d is recorded and planned, "
              "later ones replay the plan%s", len(model.model.layers), pc.record_iteration,

@@ -432,6 +432,15 @@ def test_requests_and_allocator_peaks_from_a_snapshot():
     # allocated: 0 at the start (4 MiB live at the end, +6 allocated -2 freed in the trace), peak 5 MiB;
     # reserved: 6 MiB at the start (10 at the end, +4 +2 -2 in the trace), peak 10 MiB
     assert allocator_peaks(snap) == {"allocated_peak_bytes": 5 * mib, "reserved_peak_bytes": 10 * mib}
+    # a free completed after a later allocation (another stream still read the block): to the completion
+    # by default (what the allocator could reuse), to the program's free with ends="requested"
+    late = {"device_traces": [[{"action": "alloc", "addr": 0, "size": 2 * mib},
+                               {"action": "alloc", "addr": 4 * mib, "size": 3 * mib},
+                               {"action": "free_requested", "addr": 0, "size": 2 * mib},
+                               {"action": "alloc", "addr": 8 * mib, "size": 1 * mib},
+                               {"action": "free_completed", "addr": 0, "size": 2 * mib}]]}
+    assert lower_bound(requests_from_snapshot(late)) == 6 * mib
+    assert lower_bound(requests_from_snapshot(late, ends="requested")) == 5 * mib
     with pytest.raises(ValueError, match="no 'device_traces'"):
         requests_from_snapshot({"segments": []})
     with pytest.raises(ValueError, match="no allocator actions on device 1"):
@@ -453,8 +462,9 @@ def test_plan_memory_from_a_snapshot(tmp_path, capsys):
     mib = 1 << 20
     # the 1 MiB block reuses the freed 2 MiB's place: the plan reaches the lower bound (5 MiB), the
     # allocator reserved 10 MiB for the same requests
-    assert (row["lower_bound_bytes"], row["plan_peak_bytes"]) == (5 * mib, 5 * mib)
-    assert row["reserved_peak_bytes"] == 10 * mib and "2.000 x the plan's peak" in capsys.readouterr().out
+    assert (row["lower_bound_bytes"], row["plan_peak_bytes"], row["lower_bound_at_free_bytes"]) == (5 * mib,) * 3
+    out = capsys.readouterr().out
+    assert row["reserved_peak_bytes"] == 10 * mib and "2.000 x the plan's peak" in out and "to the free" in out
     assert (tmp_path / "c.png").stat().st_size > 1000
     assert tool.main(["--png", str(tmp_path / "d.png"), "--from-snapshot", str(tmp_path / "s.pickle"),
                       "--first", "5", "--last", "7"]) == 2  # a window with no allocation: a clear error

@@ -327,6 +327,63 @@ def test_random_two_stream_replay_waits_for_exactly_the_other_streams_ghosts(cor
     assert (s["cross_stream_waits"] > 0) == (window[0] == "gap")  # a pass's transients keep to their block
 
 
+@pytest.mark.parametrize("reuse_after", ["free", "release"])
+def test_a_tensor_another_stream_reads_is_reused_from_its_free_or_from_its_release(core, reuse_after):
+    """A tensor the program frees while another stream (S2: NCCL's, a copy's) still reads it. With
+    `reuse_after="free"` the plan gives its bytes to the next request, whose stream waits for S2 at replay;
+    with "release" only to the requests after the point where the recording saw S2 done, so at replay, with
+    the same timing, nothing waits."""
+
+    def step():
+        a = core.malloc(1024, S1)
+        core.record_stream(a, S2)
+        core.free(a, S1)  # S2 still reads it
+        b = core.malloc(1024, S1)  # S2 is not done yet
+        core.lib.lt_host_complete_events()  # now it is: seen at the next request
+        c = core.malloc(1024, S1)
+        core.free(b, S1)
+        core.free(c, S1)
+
+    core.lib.lt_set_record(1)
+    seq = core.window_begin(-1, S1)
+    step()
+    core.window_end()
+    core.lib.lt_set_record(0)
+    assert [e[0] for e in core.events()] == [0, 1, 0, 2, 0, 1, 1]  # alloc a, free a, b, release a, c, ...
+    ip = plan_recorded_iteration(core.events(), [("gap", -1)], [seq], reuse_after=reuse_after)
+    a, b, c = ip.offsets[0]
+    assert ip.region_bytes == 2048 and b != c
+    assert (b == a) == (reuse_after == "free") and (c == a) == (reuse_after == "release")
+    base = _region(core, ip.region_bytes)
+    core.set_plan(0, ip.sizes[0], ip.offsets[0], ip.free_at[0], ip.streams[0], ip.ghosts[0])
+    for _ in range(2):
+        waits = _waits(core)[0]
+        core.window_begin(0, S1)
+        step()
+        core.window_end()
+        assert _waits(core)[0] - waits == (1 if reuse_after == "free" else 0)  # b waits for S2's event
+    s = core.stats()
+    assert s["served"] == 6 and s["refused_overlap"] == 0 and s["allocated"] == 0 and base
+
+
+def test_a_tensor_another_stream_reads_past_the_iteration_keeps_its_bytes_to_the_end_with_release(core):
+    core.lib.lt_set_record(1)
+    seq = core.window_begin(-1, S1)
+    a = core.malloc(1024, S1)
+    core.record_stream(a, S2)
+    core.free(a, S1)  # S2 is not seen done before the iteration ends
+    for _ in range(2):
+        core.free(core.malloc(1024, S1), S1)
+    core.window_end()
+    core.lib.lt_set_record(0)
+    free = plan_recorded_iteration(core.events(), [("gap", -1)], [seq], reuse_after="free")
+    release = plan_recorded_iteration(core.events(), [("gap", -1)], [seq], reuse_after="release")
+    assert free.region_bytes == 1024 and release.region_bytes == 2048  # a beside the later ones
+    assert release.free_at == free.free_at == [[0, 0, 0]]  # the program's free: what check mode compares
+    with pytest.raises(ValueError, match="reuse_after='later'"):
+        plan_recorded_iteration(core.events(), [("gap", -1)], [seq], reuse_after="later")
+
+
 def test_side_stream_requests_are_planned_with_their_stream_or_left_out():
     """A side stream's request freed inside the iteration is planned on level 2 with its stream; only
     requests whose bytes another stream's request shares get a ghost; side_streams=False leaves it out."""

@@ -440,6 +440,8 @@ static void process_deferred(int wait_all) {
         for (int e = 0; e < d->nev && done; e++) done = event_done(d->ev[e]);
         if (done) {
             for (int e = 0; e < d->nev; e++) event_destroy(d->ev[e]);
+            /* record mode: when the other streams were seen done with it (memory.planner.reuse_after) */
+            log_event(2, win.active ? win.seq : -1, -1, d->b->size, 0, d->b->id, d->b->stream);
             release(d->b);
         } else {
             deferred[j++] = *d;

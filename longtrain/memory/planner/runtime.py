@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from longtrain.config.schema import PLANNER_FALLBACKS
+from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_REUSE_AFTER
 from longtrain.memory.planner.core import MemoryPlan, Request, solve_plan
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,10 @@ class Core:
         return self.lib.lt_region_base()
 
     def events(self) -> list[tuple[int, int, int, int, int, int, int]]:
-        """(type 0 alloc / 1 free, window, k, size, flag, block id, stream) per recorded event; the flag is
-        "on the window's stream" for an allocation, "used by another stream" for a free; the stream is the
-        one the block was allocated on."""
+        """(type 0 alloc / 1 free / 2 release, window, k, size, flag, block id, stream) per recorded event;
+        the flag is "on the window's stream" for an allocation, "used by another stream" for a free; a
+        release is where a block freed while other streams read it was seen done with by them (the core's
+        deferred free); the stream is the one the block was allocated on."""
         n = self.lib.lt_record_len()
         data = self.lib.lt_record_data()
         flat = [data[i] for i in range(7 * n)] if n else []
@@ -236,14 +237,18 @@ class IterationPlan:
 
 
 def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, time_limit_s: float = 60.0,
-                            side_streams: bool = True, mip_solver: str = "auto") -> IterationPlan:
+                            side_streams: bool = True, mip_solver: str = "auto",
+                            reuse_after: str = "free") -> IterationPlan:
     """Plans one recorded iteration (`events` of the core's record, windows `seqs` in order, `layout[p]`
     what window p was).
 
     A request is planned when it is freed inside the iteration. One that another stream still reads when
-    it is freed (`record_stream`: a swap's D2H copy) is planned up to its free too: at replay the next
-    request placed over it makes its own stream wait for that stream's events (the core's stream-ordered
-    reuse), so the plan's timeline is the program's order, not the copy engine's timing. A request made on
+    it is freed (`record_stream`: a swap's D2H copy, NCCL's collectives) is planned up to its free with
+    `reuse_after="free"`: at replay the next request placed over it makes its own stream wait for that
+    stream's events (the core's stream-ordered reuse), so the plan's timeline is the program's order, not
+    the copy engine's timing; with "release", up to where the recording saw those streams done with it
+    (the end of the iteration if it never did), as the caching allocator would reuse it: more memory,
+    and at replay the wait finds the event done where the timing repeats. A request made on
     another stream than its window's (ZeRO-3's parameter gathers, the swap's prefetch buffers) is planned
     too (`side_streams`; else the fallback serves it). At replay every planned request must come on the
     stream it was recorded on, and where the plan gives the bytes of one stream's tensor to a later request
@@ -257,7 +262,11 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     n = len(seqs)
     sizes: list[list[int]] = [[] for _ in range(n)]
     span = [[-1, -1] for _ in range(n)]
-    blocks: dict[int, list] = {}  # id -> [pos, k, size, on stream, t alloc, pos free, t free, stream]
+    if reuse_after not in PLANNER_REUSE_AFTER:
+        raise ValueError(f"reuse_after={reuse_after!r}: use one of {', '.join(PLANNER_REUSE_AFTER)}")
+    # id -> [pos, k, size, on stream, t alloc, pos free, t free, stream, pos and t released]; released:
+    # (-1, -1) not deferred at its free, (None, None) deferred and not seen released in the iteration
+    blocks: dict[int, list] = {}
     t = 0
     for typ, win, k, size, flag, bid, stream in events:
         p = pos_of.get(win)
@@ -270,14 +279,17 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             if k != len(sizes[p]):
                 raise ValueError(f"window {p} ({layout[p]}): request {k} recorded as number {len(sizes[p])}")
             sizes[p].append(size)
-            blocks[bid] = [p, k, size, bool(flag), t, -1, -1, stream]
-        elif bid in blocks:  # a free: where and when (another stream reading it does not matter here)
+            blocks[bid] = [p, k, size, bool(flag), t, -1, -1, stream, -1, -1]
+        elif typ == 1 and bid in blocks:  # a free: where and when, and whether another stream still read it
             blocks[bid][5:7] = [p, t]
+            blocks[bid][8:10] = [None, None] if flag else [-1, -1]
+        elif typ == 2 and bid in blocks:  # the deferred free done: the other streams were seen done with it
+            blocks[bid][8:10] = [p, t]
         t += 1
     transients: dict[int, list] = {}
     crossing = []
     left: dict[str, list] = {}  # cause -> [requests, bytes, (t, +-size) edges]
-    for p, k, size, on_stream, t0, fp, t1, stream in blocks.values():
+    for p, k, size, on_stream, t0, fp, t1, stream, rp, rt in blocks.values():
         cause = ("side_stream" if not (on_stream or side_streams) else "outlives_iteration" if fp < 0 else None)
         if cause:
             c = left.setdefault(cause, [0, 0, []])
@@ -285,10 +297,13 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             c[1] += size
             c[2] += [(t0, size), (t1 if fp >= 0 else t, -size)]
             continue
-        if on_stream and fp == p and layout[p][0] != "gap":
-            transients.setdefault(p, []).append((k, size, t0, t1))
+        lp, lt = fp, t1  # its bytes go to later requests from here (the free: the check's window stays fp)
+        if reuse_after == "release" and rt != -1:
+            lp, lt = (rp, rt) if rp is not None else (n - 1, t)
+        if on_stream and fp == lp == p and layout[p][0] != "gap":
+            transients.setdefault(p, []).append((k, size, t0, lt))
         else:  # level 2's own requests (a side stream's too: level 1's shared plans are one stream's)
-            crossing.append((p, k, fp, Request(size, t0, t1)))
+            crossing.append((p, k, fp, Request(size, t0, lt)))
     level1: dict[int, MemoryPlan] = {}
     offs1: dict[int, dict[int, int]] = {}
     solved: dict[tuple, tuple[MemoryPlan, list[int]]] = {}
@@ -320,7 +335,7 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             offsets[p][k], free_at[p][k] = o, fp
     # each request's stream as recorded: at replay it must come on the same one (the ghosts assume it)
     streams = [[-1] * len(x) for x in sizes]
-    for p, k, *_, stream in blocks.values():
+    for p, k, *_, stream, _rp, _rt in blocks.values():
         streams[p][k] = stream
     ghosts = _cross_stream_ghosts(sizes, offsets, streams)
     unplanned = {}
@@ -371,6 +386,7 @@ class PlanRuntime:
     mip_solver: str = "auto"  # solve_plan's: auto (HiGHS where installed, else CBC) | highs | cbc
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
+    reuse_after: str = "free"  # a freed tensor other streams still read: its bytes reused from its free | release
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
     # what starts an iteration: "layer0" (layer 0's forward), "model" (the model's forward: attach_windows
     # with the model), "step" (the trainer's step, which calls begin_iteration: with gradient accumulation
@@ -459,7 +475,8 @@ class PlanRuntime:
         seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
         try:
             plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=self.time_limit_s,
-                                           side_streams=self.side_streams, mip_solver=self.mip_solver)
+                                           side_streams=self.side_streams, mip_solver=self.mip_solver,
+                                           reuse_after=self.reuse_after)
         except ValueError as e:
             self._off()
             log.warning("memory plan: cannot plan the recorded iteration (%s); the fallback allocator serves "
@@ -528,8 +545,8 @@ class PlanRuntime:
         """What the plan did on this rank: its state and summary, the core's counters (requests served,
         left to the fallback, missed, refused; bytes), the fallback's bytes when the plan was made, the
         most frequent refusals and lifetime breaks, and why requests were left out of the plan."""
-        return {"rank": self.rank, "state": self.state, "summary": self.summary(), "at_plan": self.at_plan,
-                "layout_misses": self.layout_misses, "refusals": self.refusal_report(),
+        return {"rank": self.rank, "state": self.state, "reuse_after": self.reuse_after, "summary": self.summary(),
+                "at_plan": self.at_plan, "layout_misses": self.layout_misses, "refusals": self.refusal_report(),
                 "lifetimes": self.lifetime_report(), "unplanned": self.plan.unplanned if self.plan else {},
                 "waits": self.wait_report(), **self.core.stats()}
 

@@ -39,12 +39,17 @@ def _end_action(events: list[dict]) -> str:
     return "free_completed" if any(e.get("action") == "free_completed" for e in events) else "free_requested"
 
 
-def blocks_from_snapshot(snap: dict, device: int = 0, first: int = 0, last: int | None = None) -> list[TracedBlock]:
+def blocks_from_snapshot(snap: dict, device: int = 0, first: int = 0, last: int | None = None,
+                         ends: str = "auto") -> list[TracedBlock]:
     """Every allocation among the trace's actions [first, last) as a Request in event order. Blocks still
     live at the window's end end at its last clock value; frees of blocks allocated before it are not
-    requests of the window and are skipped."""
+    requests of the window and are skipped. `ends`: "auto" (see the module), or "requested": at the
+    program's free even where the trace records a later completion (the planner's
+    `memory.planner.reuse_after=free`; the completion is `release`)."""
+    if ends not in ("auto", "requested"):
+        raise ValueError(f"ends={ends!r}: use auto or requested")
     events = _events(snap, device)[first:last]
-    end_action = _end_action(events)
+    end_action = _end_action(events) if ends == "auto" else "free_requested"
     live: dict[int, tuple[int, int]] = {}
     out: list[TracedBlock] = []
     t = 0
@@ -63,9 +68,10 @@ def blocks_from_snapshot(snap: dict, device: int = 0, first: int = 0, last: int 
     return out
 
 
-def requests_from_snapshot(snap: dict, device: int = 0, first: int = 0, last: int | None = None) -> list[Request]:
+def requests_from_snapshot(snap: dict, device: int = 0, first: int = 0, last: int | None = None,
+                           ends: str = "auto") -> list[Request]:
     """The trace's allocations [first, last) as planner requests (see `blocks_from_snapshot`)."""
-    return [b.request for b in blocks_from_snapshot(snap, device, first, last)]
+    return [b.request for b in blocks_from_snapshot(snap, device, first, last, ends)]
 
 
 def allocator_peaks(snap: dict, device: int = 0) -> dict[str, int]:
