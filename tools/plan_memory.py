@@ -8,7 +8,10 @@ beside the CUDA caching allocator's actual layout from a memory snapshot when on
 
 --from-snapshot plans the requests of a GPU trace itself (the allocator's actions I..J, e.g. one layer's
 forward and backward, or a whole step) and prints the plan's peak and lower bound beside what the caching
-allocator allocated and reserved for the same requests; the picture shows both.
+allocator allocated and reserved for the same requests; the picture shows both. Each block lives until the
+allocator released it (after every stream that used it: `memory.planner.reuse_after=release`); the table
+also plans them to the program's free (`reuse_after=free`) and counts that plan's requests placed over
+memory not yet released, each of which would wait for another stream at run time.
 
 The snapshot is the pickle of `torch.cuda.memory._snapshot()` taken after
 `torch.cuda.memory._record_memory_history()`: its `device_traces` (alloc / free events) give the
@@ -125,18 +128,36 @@ def _load_snapshot(path: str) -> dict:
 
 def plan_snapshot(snap: dict, first: int = 0, last: int | None = None, time_limit_s: float = 60.0):
     """Plan the trace's requests [first, last) and set the plan beside the allocator: (plan, row)."""
-    from longtrain.memory.planner import lower_bound, solve_plan
+    from longtrain.memory.planner import solve_plan
 
     reqs = [b.request for b in blocks_from_snapshot(snap, 0, first, last)]
     if not reqs:
         raise ValueError(f"no allocation among the trace's actions [{first}:{last}]")
     plan = solve_plan(reqs, time_limit_s=time_limit_s)
     peaks = allocator_peaks(snap) if first == 0 and last is None else {}
-    at_free = lower_bound([b.request for b in blocks_from_snapshot(snap, 0, first, last, ends="requested")])
+    at_free = blocks_from_snapshot(snap, 0, first, last, ends="requested")
+    plan_free = solve_plan([b.request for b in at_free], time_limit_s=time_limit_s)
+    waits, wait_bytes = unreleased_reuses(at_free, plan_free.offsets)
     row = {"requests": len(reqs), "lower_bound_bytes": plan.lower_bound_bytes, "plan_peak_bytes": plan.peak_bytes,
            "plan_ratio": plan.ratio, "solver": plan.solver, "window": [first, last],
-           "lower_bound_at_free_bytes": at_free, **peaks}
+           "lower_bound_at_free_bytes": plan_free.lower_bound_bytes, "plan_at_free_peak_bytes": plan_free.peak_bytes,
+           "plan_at_free_unreleased_reuses": waits, "plan_at_free_unreleased_reuse_bytes": wait_bytes, **peaks}
     return plan, row
+
+
+def unreleased_reuses(blocks, offsets: list[int]) -> tuple[int, int]:
+    """In a plan of `blocks` with lifetimes to the program's free (`blocks_from_snapshot(ends="requested")`):
+    how many requests, and their bytes, are placed over a block the allocator had not yet released when
+    they were made (other streams still read it). At run time each such request waits for those streams
+    (`memory.planner.reuse_after=free`), where the caching allocator used other memory."""
+    held = [(b.request.end, b.released, o, o + b.request.size) for b, o in zip(blocks, offsets) if b.released > 0]
+    n = nbytes = 0
+    for b, o in zip(blocks, offsets):
+        s, e = b.request.start, o + b.request.size
+        if any(end <= s < rel and lo < e and o < hi for end, rel, lo, hi in held):
+            n += 1
+            nbytes += b.request.size
+    return n, nbytes
 
 
 def snapshot_table(row: dict) -> str:
@@ -145,6 +166,10 @@ def snapshot_table(row: dict) -> str:
              "the allocator released it: memory.planner.reuse_after=release)",
              f"  ... to the free     {row['lower_bound_at_free_bytes'] / GIB:.3f} GiB (until the program freed it, "
              "though another stream still read it: reuse_after=free)",
+             f"  ... its plan        {row['plan_at_free_peak_bytes'] / GIB:.3f} GiB; "
+             f"{row['plan_at_free_unreleased_reuses']} requests "
+             f"({row['plan_at_free_unreleased_reuse_bytes'] / GIB:.2f} GiB) placed over memory the allocator had not "
+             "released yet: each would wait for another stream",
              f"plan peak             {row['plan_peak_bytes'] / GIB:.3f} GiB ({row['plan_ratio']:.4f} x LB, {row['solver']})"]
     if "reserved_peak_bytes" in row:
         lines += [f"allocator allocated   {row['allocated_peak_bytes'] / GIB:.3f} GiB (peak of live blocks)",

@@ -420,6 +420,8 @@ def _snapshot():
 
 
 def test_requests_and_allocator_peaks_from_a_snapshot():
+    from load_tool import load_tool
+
     from longtrain.memory.planner.snapshot import allocator_peaks, blocks_from_snapshot, requests_from_snapshot
 
     mib = 1 << 20
@@ -441,6 +443,12 @@ def test_requests_and_allocator_peaks_from_a_snapshot():
                                {"action": "free_completed", "addr": 0, "size": 2 * mib}]]}
     assert lower_bound(requests_from_snapshot(late)) == 6 * mib
     assert lower_bound(requests_from_snapshot(late, ends="requested")) == 5 * mib
+    blocks = blocks_from_snapshot(late, ends="requested")
+    assert [b.released for b in blocks] == [4, -1, -1]  # the first was released after the third's allocation
+    # a plan to the program's free that puts the third block over the first waits for its release
+    unreleased_reuses = load_tool("plan_memory.py", "plan_memory").unreleased_reuses
+    assert unreleased_reuses(blocks, [0, 2 * mib, 0]) == (1, mib)
+    assert unreleased_reuses(blocks, [0, 2 * mib, 5 * mib]) == (0, 0)
     with pytest.raises(ValueError, match="no 'device_traces'"):
         requests_from_snapshot({"segments": []})
     with pytest.raises(ValueError, match="no allocator actions on device 1"):
@@ -463,6 +471,7 @@ def test_plan_memory_from_a_snapshot(tmp_path, capsys):
     # the 1 MiB block reuses the freed 2 MiB's place: the plan reaches the lower bound (5 MiB), the
     # allocator reserved 10 MiB for the same requests
     assert (row["lower_bound_bytes"], row["plan_peak_bytes"], row["lower_bound_at_free_bytes"]) == (5 * mib,) * 3
+    assert row["plan_at_free_unreleased_reuses"] == 0  # the only free completes at once
     out = capsys.readouterr().out
     assert row["reserved_peak_bytes"] == 10 * mib and "2.000 x the plan's peak" in out and "to the free" in out
     assert (tmp_path / "c.png").stat().st_size > 1000

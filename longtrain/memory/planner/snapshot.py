@@ -22,6 +22,7 @@ from longtrain.memory.planner.core import Request
 class TracedBlock:
     request: Request
     addr: int  # where the caching allocator put it
+    released: int = -1  # ends="requested": the clock when the allocator released it, if later (other streams)
 
 
 def _events(snap: dict, device: int) -> list[dict]:
@@ -52,6 +53,7 @@ def blocks_from_snapshot(snap: dict, device: int = 0, first: int = 0, last: int 
     end_action = _end_action(events) if ends == "auto" else "free_requested"
     live: dict[int, tuple[int, int]] = {}
     out: list[TracedBlock] = []
+    pending: dict[int, int] = {}  # ends="requested": addr -> index in out of a block freed, not yet released
     t = 0
     for e in events:
         act = e.get("action")
@@ -59,8 +61,14 @@ def blocks_from_snapshot(snap: dict, device: int = 0, first: int = 0, last: int 
             live[e["addr"]] = (t, int(e["size"]))
         elif act == end_action and e["addr"] in live:
             start, size = live.pop(e["addr"])
+            if ends == "requested":
+                pending[e["addr"]] = len(out)
             out.append(TracedBlock(Request(size, start, t), e["addr"]))  # half-open: free at event t
         else:
+            if act == "free_completed" and e["addr"] in pending:  # no tick
+                i = pending.pop(e["addr"])
+                if t > out[i].request.end + 1:  # an allocation came between the free and the release
+                    out[i] = TracedBlock(out[i].request, out[i].addr, t)
             continue
         t += 1
     out += [TracedBlock(Request(size, start, t), addr) for addr, (start, size) in live.items()]
