@@ -426,7 +426,8 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         "not_measured_why": why,
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "git_sha": git_sha(), "torch_version": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "cuda_allocator": allocator, "planner": planner, "planner_ranks": planner_ranks, "memory_snapshot": snapshot_file,
+        "cuda_allocator": allocator, "planner": planner, "planner_ranks": planner_ranks,
+        "memory_snapshot": snapshot_file,
         "gpu_budget_gib": gpu_budget_gib or None,
     }
 

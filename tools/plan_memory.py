@@ -150,7 +150,7 @@ def unreleased_reuses(blocks, offsets: list[int]) -> tuple[int, int]:
     how many requests, and their bytes, are placed over a block the allocator had not yet released when
     they were made (other streams still read it). At run time each such request waits for those streams
     (`memory.planner.reuse_after=free`), where the caching allocator used other memory."""
-    held = [(b.request.end, b.released, o, o + b.request.size) for b, o in zip(blocks, offsets) if b.released > 0]
+    held = [(b.request.end, b.released, o, o + b.request.size) for b, o in zip(blocks, offsets) if b.released >= 0]
     n = nbytes = 0
     for b, o in zip(blocks, offsets):
         s, e = b.request.start, o + b.request.size

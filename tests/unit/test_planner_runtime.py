@@ -183,6 +183,23 @@ def test_planned_slot_freed_but_read_by_another_stream_is_reused_in_stream_order
     assert core.stats()["refused_overlap"] == 1 and core.refusals()[-1][5] == 0 and held
 
 
+def test_wait_pairs_past_the_table_are_counted_together(core):
+    """The report's waits by stream pair: a fixed table of 32; later pairs are counted in the last entry,
+    both of its streams -1 (0 is CUDA's default stream)."""
+    _region(core, 1024)
+    core.set_plan(0, [1024, 1024], [0, 0])
+    for i in range(34):
+        core.window_begin(0, S1)
+        a = core.malloc(1024, S1)
+        core.record_stream(a, 100 + i)
+        core.free(a, S1)
+        core.free(core.malloc(1024, S1), S1)  # over `a`: waits for stream 100 + i
+        core.lib.lt_host_complete_events()
+    pairs = core.wait_pairs()
+    assert pairs[:31] == [(S1, 100 + i, 1, 0) for i in range(31)] and pairs[31] == (-1, -1, 3, 0)
+    assert core.stats()["served"] == 68 and core.stats()["reuse_waits"] == 34
+
+
 def test_stream_ordered_reuse_guards_every_stream_and_every_byte(core):
     """A freed block still read by S2 is reused by a smaller request on S1: the rest of its bytes must not
     go to another stream without that stream waiting too; a slot partly held by the program is refused

@@ -397,7 +397,8 @@ static void prune_ghosts(int all) {
 
 /* The waits queued so far, by (waiting stream, stream of the event it waits for): which streams the plan
  * orders behind which (a diagnosis: a wait on a stream that queues far ahead, a communication stream say,
- * can hold back the waiting one). Pairs past WAIT_PAIRS are counted in the last one, `on` set to 0. */
+ * can hold back the waiting one). Pairs past WAIT_PAIRS are counted in the last one, both streams set to -1
+ * (0 is a real handle: CUDA's default stream). */
 #define WAIT_PAIRS 32
 typedef struct { stream_t waiting, on; int64_t reuse, cross; } wait_pair_t;
 static wait_pair_t wait_pairs[WAIT_PAIRS];
@@ -411,7 +412,7 @@ static void note_wait(stream_t waiting, stream_t on, int cross) {
             wait_pairs[nwait_pairs++] = (wait_pair_t){waiting, on, 0, 0};
         } else {
             i = WAIT_PAIRS - 1;
-            wait_pairs[i].on = 0;
+            wait_pairs[i].waiting = wait_pairs[i].on = (stream_t)(intptr_t)-1;
         }
     }
     if (cross) wait_pairs[i].cross++;

@@ -40,8 +40,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import hashlib
-import json
 import importlib
+import json
 import logging
 import os
 import subprocess
@@ -557,7 +557,7 @@ class PlanRuntime:
         main = self.stream_of()
 
         def name(h):
-            return "main" if h == main else ("(others)" if h == 0 else f"stream {h:#x}")
+            return "main" if h == main else ("(others)" if h == -1 else f"stream {h:#x}")
 
         pairs = sorted(self.core.wait_pairs(), key=lambda x: -(x[2] + x[3]))
         return [{"waiting": name(w), "on": name(o), "reuse_waits": r, "cross_stream_waits": c} for w, o, r, c in pairs]
