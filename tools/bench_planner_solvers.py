@@ -2,8 +2,8 @@
 
     python3 tools/bench_planner_solvers.py [--sizes 25,40,60] [--seeds 8] [--time-limit 10] [--json OUT]
 
-Random traces (the tests' generator: request sizes in 512-byte steps, short lifetimes over a horizon that
-grows with the count), each planned by `solve_plan` once per solver with the same greedy start
+Random traces (like the tests' `_random_requests`, with sizes in 512-byte steps and a horizon that grows
+with the count), each planned by `solve_plan` once per solver with the same greedy start
 (`--search-iters`, default 0: the orderings only, so that the MIP has a gap to close). Per trace: the
 greedy peak, each solver's peak and time, and whether it proved the optimum; then per solver: traces at
 the lower bound, mean peak / lower bound, time in all. Traces the greedy already solves (peak = lower
