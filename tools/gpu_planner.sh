@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 6 on one H200 (kind nvidia-h200): the planned allocator against torch's caching allocator and
 # expandable segments, in the same training steps. JSON and logs under $OUT.
-#   . .whl/env.sh && bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen BUDGET STEP V:START:CAP...
+#   . .whl/env.sh && bash tools/gpu_planner.sh check [fallback[:reuse_after]...] | side [variants] | fits BUDGET V:SEQ... | maxlen BUDGET STEP V:START:CAP...
 # The device tool brings back at most 8 files: run a part with OUT set to a scratch folder and pack it, e.g.
 #   R=$OUT; OUT=/tmp/res timeout 560 bash tools/gpu_planner.sh side; tar czf $R/res.tgz -C /tmp/res .
 # Parts:
-#   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients
+#   check   tools/planner_gpu_check.py: a planned and a normal training give the same losses and gradients,
+#           for each fallback[:reuse_after] named (default "pool caching"; e.g. caching:release)
 #   side    the 8B shape, 4 layers, 128K tokens (per GPU, with SP=N), swap auto, ZeRO-3 with the optimizer offloaded: the three
 #           allocators side by side (4 warm-up steps: the third is recorded and the fourth plans, or with
 #           planned-early the second and the third; 3 timed steps replay). Variants: caching expandable
@@ -13,7 +14,8 @@
 #           (side streams' requests left to the fallback: memory.planner.side_streams=false) planned-caching
 #           (torch's caching allocator behind the plan: memory.planner.fallback=caching, the default),
 #           planned-pool (memory.planner.fallback=pool) and planned-release (a tensor other streams still
-#           read is reused from where the recording saw them done: memory.planner.reuse_after=release);
+#           read is reused from where the recording saw them done: memory.planner.reuse_after=release;
+#           planned-pass: from the end of the next layer pass, or that release if sooner: =next_pass);
 #           default the first three. A planned variant's saved plans (JSON) and their pictures land in $OUT
 #           too, level 2 beside the caching run's snapshot of one step (bench_train --memory-snapshot) when
 #           caching ran first
@@ -45,15 +47,17 @@ variant() {  # name -> overrides
     planned-check) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.check=true" ;;
     planned-caching) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=caching" ;;
     planned-release) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.reuse_after=release" ;;
+    planned-pass) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.reuse_after=next_pass" ;;
   esac
 }
 case "${1:-}" in
   check)  # both fallbacks (or those named); fails if any does
     rc=0
-    for fb in ${2:-pool caching}; do
-      python3 tools/planner_gpu_check.py --out /tmp/planner_check_$fb --fallback $fb \
-        --json "$OUT/planner_check_$fb.json" > "$OUT/planner_check_$fb.raw" 2>&1 || rc=1
-      filter < "$OUT/planner_check_$fb.raw" | tee "$OUT/planner_check_$fb.log" | tail -12
+    for fr in ${2:-pool caching}; do  # fallback[:reuse_after], e.g. caching:release
+      fb=${fr%%:*}; ra=free; [ "$fr" != "$fb" ] && ra=${fr#*:}; n=${fb}_$ra
+      python3 tools/planner_gpu_check.py --out /tmp/planner_check_$n --fallback $fb --reuse-after $ra \
+        --json "$OUT/planner_check_$n.json" > "$OUT/planner_check_$n.raw" 2>&1 || rc=1
+      filter < "$OUT/planner_check_$n.raw" | tee "$OUT/planner_check_$n.log" | tail -12
     done
     exit $rc ;;
   side)
@@ -89,6 +93,6 @@ case "${1:-}" in
         | tee "$OUT/maxlen_${B}gib_$v.log" | tail -6
     done ;;
   *)
-    echo "usage: bash tools/gpu_planner.sh check [fallbacks] | side [variants] | fits BUDGET V:SEQ... | maxlen BUDGET STEP V:START:CAP..." >&2
+    echo "usage: bash tools/gpu_planner.sh check [fallback[:reuse_after]...] | side [variants] | fits BUDGET V:SEQ... | maxlen BUDGET STEP V:START:CAP..." >&2
     exit 2 ;;
 esac

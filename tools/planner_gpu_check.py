@@ -13,7 +13,8 @@ must give the losses and gradients of the normal run (1e-6 relative), serve requ
 refuse none, count misses only in step 5, and plan the side stream's requests (the gathers and, where
 it makes them there, the swap's prefetch buffers: `memory.planner.side_streams`).
 `--fallback` picks what serves the requests the plan does not (`memory.planner.fallback`): CUDA's
-cudaMallocAsync pool or torch's caching allocator.
+cudaMallocAsync pool or torch's caching allocator. `--reuse-after release` plans a tensor another stream
+still reads up to where the recording saw that stream done with it (`memory.planner.reuse_after`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import subprocess
 import sys
 
-from longtrain.config.schema import PLANNER_FALLBACKS
+from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_REUSE_AFTER
 
 SEQ, OTHER_SEQ, STEPS = 2048, 1536, 7
 
@@ -62,7 +63,7 @@ def gather_on_side_stream(linear, stream) -> None:
     linear.forward = lambda x: Gathered.apply(x, linear.weight)
 
 
-def worker(planned: bool, out: str, fallback: str = "caching") -> None:
+def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str = "free") -> None:
     import torch
 
     if planned:
@@ -85,7 +86,8 @@ def worker(planned: bool, out: str, fallback: str = "caching") -> None:
     if planned:
         from longtrain.memory.planner.runtime import PlanRuntime, attach_windows
 
-        rt = PlanRuntime(core, dev, check=True, time_limit_s=10, record_iteration=1)  # no ZeRO-3: steps 1 on repeat
+        rt = PlanRuntime(core, dev, check=True, time_limit_s=10, record_iteration=1,  # no ZeRO-3: steps 1 on repeat
+                         reuse_after=reuse_after)
         attach_windows(model.model.layers, rt, model=model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -115,6 +117,8 @@ def worker(planned: bool, out: str, fallback: str = "caching") -> None:
     if rt:
         rec["summary"] = rt.summary()
         rec["stats"] = core.stats()
+        rec["waits"] = core.wait_pairs()  # (waiting stream, stream waited for, record_stream waits, ghost waits)
+        rec["region_bytes"] = rt.plan.level2.peak_bytes if rt.plan else None
         rec["unplanned"] = rt.plan.unplanned if rt.plan else None
         main = torch.cuda.current_stream(dev).cuda_stream
         rec["side_stream_planned"] = sum(o >= 0 and x != main for offs, ss in zip(rt.plan.offsets, rt.plan.streams)
@@ -161,14 +165,18 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--fallback", choices=PLANNER_FALLBACKS, default=PLANNER_FALLBACKS[0],
                     help="what serves the requests the plan does not (memory.planner.fallback)")
+    ap.add_argument("--reuse-after", choices=PLANNER_REUSE_AFTER, default=PLANNER_REUSE_AFTER[0],
+                    help="a freed tensor other streams still read: its bytes reused from its free or its "
+                         "release (memory.planner.reuse_after)")
     a = ap.parse_args()
     if a.worker:
-        worker(a.worker == "planned", a.out, a.fallback)
+        worker(a.worker == "planned", a.out, a.fallback, a.reuse_after)
         return 0
     paths = {}
     for mode in ("normal", "planned"):
         paths[mode] = f"{a.out}.{mode}.json"
-        r = subprocess.run([sys.executable, __file__, "--worker", mode, "--out", paths[mode], "--fallback", a.fallback],
+        r = subprocess.run([sys.executable, __file__, "--worker", mode, "--out", paths[mode], "--fallback", a.fallback,
+                            "--reuse-after", a.reuse_after],
                            env=dict(os.environ), capture_output=True, text=True)
         if r.returncode:
             print(r.stdout[-3000:], r.stderr[-6000:], sep="\n")
@@ -177,7 +185,8 @@ def main() -> int:
     for i, s in enumerate(res["planned"]["steps"]):
         print(f"step {i} seq {s['seq']} loss {s['loss']:.6f} state {s['state']} plan {s['plan']}")
     print(res["planned"].get("summary", ""))
-    print(f"side-stream requests planned: {res['planned'].get('side_stream_planned')}")
+    print(f"side-stream requests planned: {res['planned'].get('side_stream_planned')}; region "
+          f"{res['planned'].get('region_bytes')} bytes; waits queued by stream pair {res['planned'].get('waits')}")
     print(f"worst gradient relative error {res['worst_grad_rel_err']:.3g}")
     print("OK" if not res["problems"] else "PROBLEMS:\n" + "\n".join(res["problems"]))
     if a.json:

@@ -109,7 +109,7 @@ class ActivationConfig:
 
 PLANNER_FALLBACKS = ("caching", "pool")  # memory.planner.fallback's choices
 PLANNER_MIP_SOLVERS = ("auto", "highs", "cbc")  # memory.planner.mip_solver's choices (solve_plan's mip_solver)
-PLANNER_REUSE_AFTER = ("free", "release")  # memory.planner.reuse_after's choices (plan_recorded_iteration's)
+PLANNER_REUSE_AFTER = ("free", "next_pass", "release")  # memory.planner.reuse_after's choices (plan_recorded_iteration's)
 
 
 @dataclass

@@ -18,10 +18,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("fallback", PLANNER_FALLBACKS)
-def test_planned_allocator_trains_like_the_normal_one(tmp_path, fallback):
+@pytest.mark.parametrize("fallback,reuse_after", [(fb, "free") for fb in PLANNER_FALLBACKS] + [("caching", "release")])
+def test_planned_allocator_trains_like_the_normal_one(tmp_path, fallback, reuse_after):
     r = subprocess.run([sys.executable, str(ROOT / "tools/planner_gpu_check.py"), "--out", str(tmp_path / "run"),
-                        "--fallback", fallback], capture_output=True, text=True, timeout=900)
+                        "--fallback", fallback, "--reuse-after", reuse_after], capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "OK" in r.stdout
 

@@ -33,7 +33,7 @@ def test_defaults_and_overrides_are_typed():
     (["train.precision=bf16", "model.dtype=float64"], "model.dtype=float32"),
     (["model.num_hidden_layers=0"], "model.num_hidden_layers=0 must be > 0"),
     (["memory.planner.reuse_after=released"], "memory.planner.reuse_after='released' is not one of ['free', "
-                                               "'release'] (did you mean 'release'?)"),
+                                               "'next_pass', 'release'] (did you mean 'release'?)"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, needle):
     with pytest.raises(ConfigError) as e:

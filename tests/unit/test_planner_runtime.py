@@ -401,6 +401,48 @@ def test_a_tensor_another_stream_reads_past_the_iteration_keeps_its_bytes_to_the
         plan_recorded_iteration(core.events(), [("gap", -1)], [seq], reuse_after="later")
 
 
+@pytest.mark.parametrize("seen_released", [False, True])
+def test_next_pass_keeps_a_tensor_another_stream_reads_through_the_next_layer_pass(core, seen_released):
+    """`reuse_after="next_pass"`: a tensor freed in layer pass fwd0 while S2 (a swap's D2H copy) still reads
+    it keeps its bytes through the gap and the next pass, fwd1, and gives them up after; or from the
+    release where the recording saw S2 done before fwd1 ended. Sizes make each rule's peak differ: a 1024
+    (read by S2), b 512 in the gap, c 1024 in fwd1, e 1536 in the last gap."""
+    layout = [("fwd", 0), ("gap", -1), ("fwd", 1), ("gap", -1)]
+
+    def step(record):
+        seqs = []
+        for w, size in enumerate([1024, 512, 1024, 1536]):
+            seqs.append(core.window_begin(w, S1))
+            if w == 0:
+                a = core.malloc(size, S1)
+                core.record_stream(a, S2)
+                core.free(a, S1)  # S2 still reads it
+                continue
+            if w == 2 and seen_released and record:
+                core.lib.lt_host_complete_events()  # S2 done: seen at c's request
+            core.free(core.malloc(size, S1), S1)
+        core.window_end()
+        return seqs
+
+    core.lib.lt_set_record(1)
+    seqs = step(True)
+    core.lib.lt_set_record(0)
+    assert [e[0] for e in core.events()].count(2) == (1 if seen_released else 0)
+    region = {r: plan_recorded_iteration(core.events(), layout, seqs, reuse_after=r).region_bytes
+              for r in ("free", "next_pass", "release")}
+    if seen_released:  # a is gone before c: c and e may take its bytes under both later rules
+        assert region == {"free": 1536, "next_pass": 1536, "release": 1536}
+    else:  # next_pass: a beside b and c, not e; release (never seen): a beside all of them
+        assert region == {"free": 1536, "next_pass": 2048, "release": 2560}
+    ip = plan_recorded_iteration(core.events(), layout, seqs, reuse_after="next_pass")
+    _region(core, ip.region_bytes)
+    for p in range(len(layout)):
+        core.set_plan(p, ip.sizes[p], ip.offsets[p], ip.free_at[p], ip.streams[p], ip.ghosts[p])
+    step(False)
+    s = core.stats()
+    assert s["served"] == 4 and s["refused_overlap"] == 0 and s["fallback"] == 4 and s["allocated"] == 0
+
+
 def test_side_stream_requests_are_planned_with_their_stream_or_left_out():
     """A side stream's request freed inside the iteration is planned on level 2 with its stream; only
     requests whose bytes another stream's request shares get a ghost; side_streams=False leaves it out."""

@@ -248,7 +248,11 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     stream's events (the core's stream-ordered reuse), so the plan's timeline is the program's order, not
     the copy engine's timing; with "release", up to where the recording saw those streams done with it
     (the end of the iteration if it never did), as the caching allocator would reuse it: more memory,
-    and at replay the wait finds the event done where the timing repeats. A request made on
+    and at replay the wait finds the event done where the timing repeats. The host runs ahead of the GPU,
+    so it sees a release late; "next_pass" keeps such a block to the end of the next layer pass after its
+    free (or to its release where the recording saw that sooner; to the end of the iteration where no pass
+    follows and no release was seen): the other stream's work (a swap's D2H copy) then overlaps one layer
+    pass's compute, as MEMO overlaps a layer's swap with the next layer. A request made on
     another stream than its window's (ZeRO-3's parameter gathers, the swap's prefetch buffers) is planned
     too (`side_streams`; else the fallback serves it). At replay every planned request must come on the
     stream it was recorded on, and where the plan gives the bytes of one stream's tensor to a later request
@@ -286,6 +290,10 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
         elif typ == 2 and bid in blocks:  # the deferred free done: the other streams were seen done with it
             blocks[bid][8:10] = [p, t]
         t += 1
+    next_pass = [None] * n  # window p -> the first layer pass after it that recorded anything, or None
+    for p in range(n - 2, -1, -1):
+        q = p + 1
+        next_pass[p] = q if layout[q][0] != "gap" and span[q][1] >= 0 else next_pass[q]
     transients: dict[int, list] = {}
     crossing = []
     left: dict[str, list] = {}  # cause -> [requests, bytes, (t, +-size) edges]
@@ -298,8 +306,11 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             c[2] += [(t0, size), (t1 if fp >= 0 else t, -size)]
             continue
         lp, lt = fp, t1  # its bytes go to later requests from here (the free: the check's window stays fp)
-        if reuse_after == "release" and rt != -1:
+        if reuse_after != "free" and rt != -1:
             lp, lt = (rp, rt) if rp is not None else (n - 1, t)
+            q = next_pass[fp]
+            if reuse_after == "next_pass" and q is not None and span[q][1] < lt:
+                lp, lt = q, span[q][1]
         if on_stream and fp == lp == p and layout[p][0] != "gap":
             transients.setdefault(p, []).append((k, size, t0, lt))
         else:  # level 2's own requests (a side stream's too: level 1's shared plans are one stream's)
