@@ -825,6 +825,11 @@ def exit_if_oom(e: BaseException) -> None:
         return
     print(f"{OOM_MARKER} rank {_rank()}: out of memory: {text.strip().splitlines()[0][:300]}",
           file=sys.stderr, flush=True)
+    from longtrain.memory.planner.runtime import active_core
+
+    core = active_core()
+    if core is not None:  # the planned allocator: where its memory was when the request failed
+        print(f"rank {_rank()}: memory plan at the failure: {core.holdings()}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(EXIT_OOM)
 

@@ -34,6 +34,26 @@ def _fits_below(limit, calls=None, fail_at=None):
     return attempt
 
 
+def test_an_out_of_memory_exit_says_where_the_planned_allocators_memory_was(monkeypatch, capsys):
+    from longtrain.memory.planner import runtime
+
+    core = runtime.host_core()
+    held = core.malloc(3 * 2**30 // 2, 1)  # outside any window: the fallback serves it
+    monkeypatch.setattr(runtime, "_ACTIVE", core)
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    with pytest.raises(SystemExit) as e:
+        bt.exit_if_oom(torch.OutOfMemoryError("CUDA out of memory (longtrain planned allocator): 33554432 bytes"))
+    err = capsys.readouterr().err
+    assert e.value.code == bt.EXIT_OOM and bt.classify(bt.EXIT_OOM, err) == "oom"
+    assert "memory plan at the failure: region 0.00 GiB" in err
+    assert "outside the plan 1.50 (peak 1.50)" in err and "reserved 1.50 GiB" in err
+    core.free(held, 1)
+    monkeypatch.setattr(runtime, "_ACTIVE", None)  # no planned allocator: the marker line only
+    with pytest.raises(SystemExit):
+        bt.exit_if_oom(torch.OutOfMemoryError("CUDA out of memory"))
+    assert "memory plan" not in capsys.readouterr().err
+
+
 def test_search_doubles_then_bisects():
     calls = []
     best, tried = bt.search_max_seq(_fits_below(20000, calls), start=4096, step=1024)

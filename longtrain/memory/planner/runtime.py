@@ -196,6 +196,19 @@ class Core:
         self.lib.lt_stats(buf, len(STAT_NAMES))
         return dict(zip(STAT_NAMES, buf))
 
+    def holdings(self) -> str:
+        """Where the memory is now, in one line (printed when a run runs out of memory): the region and its
+        live planned bytes, the bytes the fallback holds by why it served them, deferred frees, and the
+        reserved total with its peak."""
+        s = self.stats()
+        gib = lambda k: f"{s[k] / 2**30:.2f}"  # noqa: E731
+        why = ", ".join(f"{name} {gib('fallback_' + k)} (peak {gib('fallback_' + k + '_peak')})"
+                        for k, name in (("no_plan", "outside the plan"), ("unplanned", "left out of it"),
+                                        ("refused", "refused by it"), ("after_miss", "after a miss")))
+        return (f"region {gib('region')} GiB with {gib('planned_live')} GiB of planned tensors live; the fallback "
+                f"holds GiB: {why}; {s['deferred']} frees wait for other streams; reserved {gib('reserved')} GiB "
+                f"(peak {gib('reserved_peak')} GiB), allocated {gib('allocated')} GiB")
+
 
 def host_core() -> Core:
     """A private copy of the core on the host backend (malloc, simulated events): for tests."""
