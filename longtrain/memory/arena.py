@@ -35,6 +35,9 @@ def apply_memory_plan(model: nn.Module, cfg, device: torch.device, rank: int = 0
                                      time_limit_s=pc.time_limit_s, mip_solver=pc.mip_solver, check=pc.check,
                                      side_streams=pc.side_streams, reuse_after=pc.reuse_after,
                                      save_dir=cfg.train.output_dir, rank=rank)
+    swap = getattr(model, "swap_streams", None)
+    if swap is not None and swap.cuda:  # named in the report's stream waits
+        model.plan_runtime.stream_names.update({swap.d2h.cuda_stream: "swap D2H", swap.h2d.cuda_stream: "swap H2D"})
     attach_windows(model.model.layers, model.plan_runtime, model=model)
     log.info("memory plan: %d layers are windows of the planned allocator; iteration %d is recorded and planned, "
              "later ones replay the plan%s", len(model.model.layers), pc.record_iteration,

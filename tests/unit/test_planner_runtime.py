@@ -932,6 +932,8 @@ def test_side_stream_gathers_are_planned_and_reused_in_stream_order(core, side_s
         waits = rt.report()["waits"]  # by stream pair, named from the windows' stream
         assert {(w["waiting"], w["on"]) for w in waits} <= {("main", f"stream {S2:#x}"), (f"stream {S2:#x}", "main")}
         assert sum(w["cross_stream_waits"] for w in waits) == s["cross_stream_waits"]
+        rt.stream_names[S2] = "gathers"  # a stream the report knows by name (the swap's copy streams)
+        assert {(w["waiting"], w["on"]) for w in rt.report()["waits"]} <= {("main", "gathers"), ("gathers", "main")}
     else:
         assert rt.plan.unplanned["side_stream"]["requests"] == 6
         assert all(rt.plan.offsets[p][k] == -1 for p, k in gathers) and s["served"] == 2 * 6

@@ -410,8 +410,9 @@ class PlanRuntime:
     mip_solver: str = "auto"  # solve_plan's: auto (HiGHS where installed, else CBC) | highs | cbc
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
-    reuse_after: str = "free"  # a freed tensor other streams still read: its bytes reused from its free | release
+    reuse_after: str = "free"  # a freed tensor other streams still read: its bytes reused from its free | next_pass | release
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
+    stream_names: dict = field(default_factory=dict)  # stream handle -> a name for the report (the swap's streams)
     # what starts an iteration: "layer0" (layer 0's forward), "model" (the model's forward: attach_windows
     # with the model), "step" (the trainer's step, which calls begin_iteration: with gradient accumulation
     # an iteration is every micro-step of one optimizer step, so every iteration repeats)
@@ -577,11 +578,12 @@ class PlanRuntime:
     def wait_report(self) -> list[dict]:
         """Which stream the plan's reuse made wait for which, and how often (`Core.wait_pairs`), most first:
         a stream that queues far ahead of the one waiting for it (a communication stream, say) holds that
-        one back. Streams are named `main` (the windows' stream, where the model computes) or by handle."""
+        one back. Streams are named `main` (the windows' stream, where the model computes), by
+        `stream_names` (the swap's copy streams), or by handle (NCCL's, DeepSpeed's)."""
         main = self.stream_of()
 
         def name(h):
-            return "main" if h == main else ("(others)" if h == -1 else f"stream {h:#x}")
+            return ("main" if h == main else "(others)" if h == -1 else self.stream_names.get(h) or f"stream {h:#x}")
 
         pairs = sorted(self.core.wait_pairs(), key=lambda x: -(x[2] + x[3]))
         return [{"waiting": name(w), "on": name(o), "reuse_waits": r, "cross_stream_waits": c} for w, o, r, c in pairs]
