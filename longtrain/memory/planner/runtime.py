@@ -410,7 +410,7 @@ class PlanRuntime:
     mip_solver: str = "auto"  # solve_plan's: auto (HiGHS where installed, else CBC) | highs | cbc
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
-    reuse_after: str = "free"  # a freed tensor other streams still read: its bytes reused from its free | next_pass | release
+    reuse_after: str = "free"  # a freed tensor other streams still read: reused from its free | next_pass | release
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
     stream_names: dict = field(default_factory=dict)  # stream handle -> a name for the report (the swap's streams)
     # what starts an iteration: "layer0" (layer 0's forward), "model" (the model's forward: attach_windows
