@@ -13,8 +13,9 @@ must give the losses and gradients of the normal run (1e-6 relative), serve requ
 refuse none, count misses only in step 5, and plan the side stream's requests (the gathers and, where
 it makes them there, the swap's prefetch buffers: `memory.planner.side_streams`).
 `--fallback` picks what serves the requests the plan does not (`memory.planner.fallback`): CUDA's
-cudaMallocAsync pool or torch's caching allocator. `--reuse-after release` plans a tensor another stream
-still reads up to where the recording saw that stream done with it (`memory.planner.reuse_after`).
+cudaMallocAsync pool or torch's caching allocator. `--reuse-after` plans a tensor another stream still
+reads up to its free (default), the end of the next layer pass (`next_pass`) or where the recording saw
+that stream done with it (`release`): `memory.planner.reuse_after`.
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ def main() -> int:
     ap.add_argument("--fallback", choices=PLANNER_FALLBACKS, default=PLANNER_FALLBACKS[0],
                     help="what serves the requests the plan does not (memory.planner.fallback)")
     ap.add_argument("--reuse-after", choices=PLANNER_REUSE_AFTER, default=PLANNER_REUSE_AFTER[0],
-                    help="a freed tensor other streams still read: its bytes reused from its free or its "
-                         "release (memory.planner.reuse_after)")
+                    help="a freed tensor other streams still read: its bytes reused from its free, the end of "
+                         "the next layer pass or its release (memory.planner.reuse_after)")
     a = ap.parse_args()
     if a.worker:
         worker(a.worker == "planned", a.out, a.fallback, a.reuse_after)

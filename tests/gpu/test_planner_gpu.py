@@ -11,14 +11,15 @@ import pytest
 import torch
 from load_tool import load_tool
 
-from longtrain.config.schema import PLANNER_FALLBACKS
+from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_REUSE_AFTER
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("fallback,reuse_after", [(fb, "free") for fb in PLANNER_FALLBACKS] + [("caching", "release")])
+@pytest.mark.parametrize("fallback,reuse_after", [(fb, "free") for fb in PLANNER_FALLBACKS]
+                         + [("caching", r) for r in PLANNER_REUSE_AFTER if r != "free"])
 def test_planned_allocator_trains_like_the_normal_one(tmp_path, fallback, reuse_after):
     r = subprocess.run([sys.executable, str(ROOT / "tools/planner_gpu_check.py"), "--out", str(tmp_path / "run"),
                         "--fallback", fallback, "--reuse-after", reuse_after], capture_output=True, text=True,
