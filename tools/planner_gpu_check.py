@@ -119,7 +119,7 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         rec["summary"] = rt.summary()
         rec["stats"] = core.stats()
         rec["waits"] = core.wait_pairs()  # (waiting stream, stream waited for, record_stream waits, ghost waits)
-        rec["region_bytes"] = rt.plan.level2.peak_bytes if rt.plan else None
+        rec["region_bytes"] = rt.plan.region_bytes if rt.plan else None
         rec["unplanned"] = rt.plan.unplanned if rt.plan else None
         main = torch.cuda.current_stream(dev).cuda_stream
         rec["side_stream_planned"] = sum(o >= 0 and x != main for offs, ss in zip(rt.plan.offsets, rt.plan.streams)

@@ -456,8 +456,9 @@ static void process_deferred(int wait_all) {
  * handed out, else the index in `live` of a planned block the program still holds there (the request is
  * refused; nothing was changed), or -2 when a wait could not be queued (refused). Ghosts there of blocks
  * freed on another stream make `stream` wait for their events first. Blocks there that the program has
- * freed but other streams still read (record_stream) do not stand in the way: `stream` first waits for the events recorded on those streams
- * at the free (cudaStreamWaitEvent), so every kernel queued on `stream` from here on runs after their last
+ * freed but other streams still read (record_stream) do not stand in the way: `stream` first waits for the
+ * events recorded on those streams at the free (cudaStreamWaitEvent; none for its own, whose order covers
+ * it), so every kernel queued on `stream` from here on runs after their last
  * use; the freed blocks stay listed (and so guard the rest of their bytes against other streams) until
  * those events complete. The plan placed the request there because the program had freed the old tensor:
  * this keeps the plan's timeline instead of refusing it. As with any allocation, the memory is ready for

@@ -249,6 +249,22 @@ class IterationPlan:
         return sum(o >= 0 for offs in self.offsets for o in offs)
 
 
+@dataclass
+class _Recorded:
+    """One block the recorded iteration allocated: its window position and request number, size, whether it
+    came on its window's stream, when, on which stream; where and when it was freed ((-1, -1): not in the
+    iteration), whether another stream still read it then, and where the recording saw that stream done."""
+    pos: int
+    k: int
+    size: int
+    on_stream: bool
+    t0: int
+    stream: int
+    freed: tuple[int, int] = (-1, -1)
+    deferred: bool = False
+    released: tuple[int, int] | None = None
+
+
 def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, time_limit_s: float = 60.0,
                             side_streams: bool = True, mip_solver: str = "auto",
                             reuse_after: str = "free") -> IterationPlan:
@@ -281,9 +297,7 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     span = [[-1, -1] for _ in range(n)]
     if reuse_after not in PLANNER_REUSE_AFTER:
         raise ValueError(f"reuse_after={reuse_after!r}: use one of {', '.join(PLANNER_REUSE_AFTER)}")
-    # id -> [pos, k, size, on stream, t alloc, pos free, t free, stream, pos and t released]; released:
-    # (-1, -1) not deferred at its free, (None, None) deferred and not seen released in the iteration
-    blocks: dict[int, list] = {}
+    blocks: dict[int, _Recorded] = {}
     t = 0
     for typ, win, k, size, flag, bid, stream in events:
         p = pos_of.get(win)
@@ -296,12 +310,11 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             if k != len(sizes[p]):
                 raise ValueError(f"window {p} ({layout[p]}): request {k} recorded as number {len(sizes[p])}")
             sizes[p].append(size)
-            blocks[bid] = [p, k, size, bool(flag), t, -1, -1, stream, -1, -1]
+            blocks[bid] = _Recorded(p, k, size, bool(flag), t, stream)
         elif typ == 1 and bid in blocks:  # a free: where and when, and whether another stream still read it
-            blocks[bid][5:7] = [p, t]
-            blocks[bid][8:10] = [None, None] if flag else [-1, -1]
+            blocks[bid].freed, blocks[bid].deferred = (p, t), bool(flag)
         elif typ == 2 and bid in blocks:  # the deferred free done: the other streams were seen done with it
-            blocks[bid][8:10] = [p, t]
+            blocks[bid].released = (p, t)
         t += 1
     next_pass = [None] * n  # window p -> the first layer pass after it that recorded anything, or None
     for p in range(n - 2, -1, -1):
@@ -310,7 +323,20 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     transients: dict[int, list] = {}
     crossing = []
     left: dict[str, list] = {}  # cause -> [requests, bytes, (t, +-size) edges]
-    for p, k, size, on_stream, t0, fp, t1, stream, rp, rt in blocks.values():
+
+    def reuse_point(b: _Recorded) -> tuple[int, int]:
+        """Window and time from which the block's bytes go to later requests (`reuse_after`)."""
+        if reuse_after == "free" or not b.deferred:
+            return b.freed
+        lp, lt = b.released or (n - 1, t)  # never seen released: the end of the iteration
+        q = next_pass[b.freed[0]]
+        if reuse_after == "next_pass" and q is not None and span[q][1] < lt:
+            return q, span[q][1]
+        return lp, lt
+
+    for b in blocks.values():
+        p, k, size, t0 = b.pos, b.k, b.size, b.t0
+        (fp, t1), on_stream = b.freed, b.on_stream
         cause = ("side_stream" if not (on_stream or side_streams) else "outlives_iteration" if fp < 0 else None)
         if cause:
             c = left.setdefault(cause, [0, 0, []])
@@ -318,12 +344,7 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             c[1] += size
             c[2] += [(t0, size), (t1 if fp >= 0 else t, -size)]
             continue
-        lp, lt = fp, t1  # its bytes go to later requests from here (the free: the check's window stays fp)
-        if reuse_after != "free" and rt != -1:
-            lp, lt = (rp, rt) if rp is not None else (n - 1, t)
-            q = next_pass[fp]
-            if reuse_after == "next_pass" and q is not None and span[q][1] < lt:
-                lp, lt = q, span[q][1]
+        lp, lt = reuse_point(b)  # the check's window stays fp, the free's
         if on_stream and fp == lp == p and layout[p][0] != "gap":
             transients.setdefault(p, []).append((k, size, t0, lt))
         else:  # level 2's own requests (a side stream's too: level 1's shared plans are one stream's)
@@ -359,8 +380,8 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             offsets[p][k], free_at[p][k] = o, fp
     # each request's stream as recorded: at replay it must come on the same one (the ghosts assume it)
     streams = [[-1] * len(x) for x in sizes]
-    for p, k, *_, stream, _rp, _rt in blocks.values():
-        streams[p][k] = stream
+    for b in blocks.values():
+        streams[b.pos][b.k] = b.stream
     ghosts = _cross_stream_ghosts(sizes, offsets, streams)
     unplanned = {}
     for cause, (count, nbytes, edges) in sorted(left.items()):
