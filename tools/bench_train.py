@@ -361,6 +361,9 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
             streams.reset_stats()
             streams.timing = timed
         rec = trainer.train_step()
+        if mesh.is_main:  # progress: a long step, or one that stalls, shows here
+            print(f"  step {i + 1}/{warmup + steps} ({'timed' if timed else 'warm-up'}): {rec['step_time_s']:.3f} s",
+                  flush=True)
         if timed:
             recs.append(rec)
             if time_copies:
@@ -835,4 +838,11 @@ def exit_if_oom(e: BaseException) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where each thread is, run on
+    code = main()
+    # the benchmarks run under time limits: a process that has not exited a minute after its work is
+    # done prints where each of its Python threads is (interpreter shutdown included), then goes on
+    faulthandler.dump_traceback_later(60, exit=False)
+    sys.exit(code)

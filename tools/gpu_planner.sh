@@ -35,7 +35,9 @@ if [ "$SP" -gt 1 ]; then
   ONE="parallel.sp.degree=$SP launch.nproc=$SP parallel.sp.method=${SP_METHOD:-ring}"
   LAUNCH="torchrun --standalone --nproc-per-node $SP"
 fi
-filter() { grep -v "^W1\|^\*\*\*\|OMP_NUM\|USDT\|UserWarning\|_warn_once" ; }
+filter() {  # drops launcher noise; each line gets the time it was read (where a run spends its time, a hang at exit)
+  grep --line-buffered -v "^W1\|^\*\*\*\|OMP_NUM\|USDT\|UserWarning\|_warn_once" | while IFS= read -r l; do printf '%(%T)T %s\n' -1 "$l"; done
+}
 variant() {  # name -> overrides
   case $1 in
     caching) echo "memory.allocator=default" ;;
@@ -61,11 +63,12 @@ case "${1:-}" in
     done
     exit $rc ;;
   side)
+    PROF="--no-profile-step"; [ "${PROFILE:-0}" = 1 ] && PROF="--profile-step"  # PROFILE=1: one more step profiled (the record's time split)
     SNAP="$OUT/snapshot_caching.pickle"  # the caching allocator's step, drawn beside the plans (name it first)
     for v in ${2:-caching expandable planned}; do
       extra=""; [ "$v" = caching ] && extra="--memory-snapshot $SNAP"
       timeout ${SIDE_TIMEOUT:-300} $LAUNCH tools/bench_train.py $R $ONE data.seq_len=$SEQ $(variant $v) \
-        train.output_dir="$OUT/run_$v" --layers 4 --steps 3 --warmup 4 --no-profile-step $extra \
+        train.output_dir="$OUT/run_$v" --layers 4 --steps 3 --warmup 4 $PROF $extra \
         --json "$OUT/planner_side.json" 2>&1 | filter \
         | tee "$OUT/side_$v.log" | tail -14
       for lv in level2 level1_largest; do  # the plans the runtime saved, drawn (time x, address y)
