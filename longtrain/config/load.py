@@ -249,6 +249,11 @@ def validate(cfg: Config) -> None:
     _choice("launch.backend", cfg.launch.backend, ["auto", "gloo", "nccl"])
     _positive("launch.timeout_s", cfg.launch.timeout_s)
     _positive("launch.hang_timeout_s", cfg.launch.hang_timeout_s, allow_zero=True)
+    pl = cfg.memory.planner
+    if pl.enabled and pl.time_limit_s > cfg.launch.timeout_s / 2:
+        raise ConfigError(f"memory.planner.time_limit_s={pl.time_limit_s:g} is more than half of launch.timeout_s="
+                          f"{cfg.launch.timeout_s}: while a rank plans, the others wait in a collective that "
+                          "fails after launch.timeout_s; lower the first or raise the second")
 
 
 def _validate_data(d: DataConfig, prefix: str) -> None:

@@ -66,16 +66,17 @@ def _train(out: Path, *overrides) -> list[float]:
 @pytest.mark.parametrize("setup", [
     ["parallel.sp.method=ring", "parallel.engine=torch", "memory.activation.policy=swap",
      "memory.activation.alpha=0.5", "memory.activation.keep_last_layers=0"],
-    ["parallel.sp.method=token_ring", "parallel.zero_stage=3"],
+    ["parallel.sp.method=token_ring", "parallel.zero_stage=3", "memory.planner.reuse_after=free"],
     ["parallel.sp.method=ring", "parallel.zero_stage=3", "memory.activation.policy=swap",
      "memory.activation.alpha=0", "memory.activation.keep_last_layers=0", "memory.planner.reuse_after=release"]],
-    ids=["ring-ddp-swap", "token_ring-zero3", "ring-zero3-swap-release"])
+    ids=["ring-ddp-swap", "token_ring-zero3-free", "ring-zero3-swap-release"])
 def test_planned_allocator_under_sequence_parallelism(tmp_path, setup):
     """sp=2 over NCCL, started by the trainer: each rank plans its own shard's requests (the ring's send and
     receive buffers, the swap's copies, ZeRO-3's gathers among them). With the plan in check mode the run
     gives the losses and weights of the same run on torch's caching allocator, and every rank replays its
     plan from iteration 3 on with no miss, no refusal and no lifetime break (the reports the trainer writes).
-    The third case plans tensors other streams still read up to their release (`reuse_after=release`)."""
+    Tensors other streams still read when freed are reused after the next layer pass (the default,
+    `reuse_after=next_pass`), at their free (the second case) or at their release (the third)."""
     from safetensors.torch import load_file
 
     common = ["launch.nproc=2", "parallel.sp.degree=2", "train.device=cuda", "train.precision=fp32",
@@ -94,7 +95,8 @@ def test_planned_allocator_under_sequence_parallelism(tmp_path, setup):
     for rank in (0, 1):
         rep = json.loads((tmp_path / "planned" / f"memory_plan_runtime_rank{rank}_report.json").read_text())
         assert rep["state"] == "replay" and rep["served"] > 0, rep
-        assert rep["reuse_after"] == ("release" if "memory.planner.reuse_after=release" in setup else "free")
+        said = [x.split("=")[1] for x in setup if x.startswith("memory.planner.reuse_after=")]
+        assert rep["reuse_after"] == (said[0] if said else "next_pass")
         bad = {k: rep[k] for k in ("miss_size", "miss_length", "miss_stream", "refused_overlap", "check_lifetime",
                                    "check_leaked", "layout_misses") if rep[k]}
         assert not bad, (rank, bad, rep["refusals"], rep["lifetimes"])

@@ -34,6 +34,8 @@ def test_defaults_and_overrides_are_typed():
     (["model.num_hidden_layers=0"], "model.num_hidden_layers=0 must be > 0"),
     (["memory.planner.reuse_after=released"], "memory.planner.reuse_after='released' is not one of ['free', "
                                                "'next_pass', 'release'] (did you mean 'release'?)"),
+    (["memory.planner.enabled=true", "memory.planner.time_limit_s=400", "launch.timeout_s=600"],
+     "memory.planner.time_limit_s=400 is more than half of launch.timeout_s=600"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, needle):
     with pytest.raises(ConfigError) as e:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from longtrain.memory.planner import MemoryPlan
+from longtrain.memory.planner import MemoryPlan, solve_plan
 from longtrain.memory.planner.runtime import (ALIGNMENT, PlanRuntime, attach_windows, host_core,
                                               plan_recorded_iteration)
 
@@ -967,6 +967,31 @@ def test_plans_are_shared_by_identical_windows_and_aligned():
     assert plan.level1[0] is plan.level1[1] and plan.level1[2].peak_bytes == 3072 and ALIGNMENT == 512
     assert plan.offsets[2][1] >= 0 and plan.free_at[2] == [2, 3]  # the 100 bytes cross into the gap
     assert plan.region_bytes == 3072 + 512
+
+
+def test_the_time_limit_bounds_the_whole_plan_not_each_solve(monkeypatch):
+    """Every rank waits in its next collective for the slowest rank's plan (on two H200s one rank planned
+    for 80 s with 20 s per solve), so time_limit_s is the plan's in all: each MIP gets the time left
+    divided among the solves left, level 2 the last, and none once the time is spent (the greedy plan)."""
+    import longtrain.memory.planner.runtime as rt
+
+    clock, calls, took = [100.0], [], iter([0.0, 9.0, 5.0, 0.0])  # seconds each solve takes
+
+    def timed_solve(reqs, limit, *, use_mip=True, **kw):
+        calls.append((round(limit, 6), use_mip, kw["info"]["level"]))
+        clock[0] += next(took)
+        return solve_plan(reqs, limit, use_mip=False, **kw)
+
+    monkeypatch.setattr(rt, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(rt, "solve_plan", timed_solve)
+    sizes = [1000, 1000, 3000, 5000]  # four layer passes, the first two alike: three level-1 solves
+    ev = [e for p, n in enumerate(sizes) for e in ((0, p, 0, n, 1, p + 1, S1), (1, p, -1, n, 0, p + 1, S1))]
+    layout = [("fwd", 0), ("fwd", 1), ("bwd", 1), ("bwd", 0)]
+    plan = rt.plan_recorded_iteration(ev, layout, [0, 1, 2, 3], time_limit_s=12.0)
+    # 12 s for 4 solves: 3; the first took none, so 12 s for 3: 4; that one took 9, so 3 s for 2: 1.5;
+    # that one took 5: the time is spent, level 2 gets the greedy plan
+    assert calls == [(3.0, True, 1), (4.0, True, 1), (1.5, True, 1), (0.001, False, 2)]
+    assert plan.level1[0] is plan.level1[1] and plan.region_bytes == 5120
 
 
 def test_planning_inside_the_forward_pins_no_activation(core, monkeypatch):

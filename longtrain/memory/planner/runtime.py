@@ -50,6 +50,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -267,7 +268,7 @@ class _Recorded:
 
 def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, time_limit_s: float = 60.0,
                             side_streams: bool = True, mip_solver: str = "auto",
-                            reuse_after: str = "free") -> IterationPlan:
+                            reuse_after: str = "next_pass") -> IterationPlan:
     """Plans one recorded iteration (`events` of the core's record, windows `seqs` in order, `layout[p]`
     what window p was).
 
@@ -290,7 +291,8 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     passes with the same requests share the solve. Level 2: the iteration, where every layer pass is one
     block of its level-1 peak over its span and every other planned request (skeletal tensors kept for
     backward, layer outputs, gradients between layers, what runs between the passes) is a request of its
-    own. A transient's address is its pass's block offset plus its level-1 offset."""
+    own. A transient's address is its pass's block offset plus its level-1 offset. `time_limit_s` bounds
+    the whole plan (all its MIP solves together; the greedy plans always run)."""
     pos_of = {seq: p for p, seq in enumerate(seqs)}
     n = len(seqs)
     sizes: list[list[int]] = [[] for _ in range(n)]
@@ -349,19 +351,33 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             transients.setdefault(p, []).append((k, size, t0, lt))
         else:  # level 2's own requests (a side stream's too: level 1's shared plans are one stream's)
             crossing.append((p, k, fp, Request(size, t0, lt)))
-    level1: dict[int, MemoryPlan] = {}
-    offs1: dict[int, dict[int, int]] = {}
-    solved: dict[tuple, tuple[MemoryPlan, list[int]]] = {}
+    sigs: dict[int, tuple] = {}  # layer pass -> its transients as (size, start, end) from the pass's start
     for p, reqs in sorted(transients.items()):
         reqs.sort()
         base = span[p][0]
-        sig = tuple((size, t0 - base, t1 - base) for _, size, t0, t1 in reqs)
+        sigs[p] = tuple((size, t0 - base, t1 - base) for _, size, t0, t1 in reqs)
+    # time_limit_s is the whole plan's: every rank waits in its next collective for the slowest rank's
+    # plan, so each solve's MIP gets the time left divided among the solves left (level 2 the last), and
+    # once none is left the greedy plan alone
+    solves_left = len(set(sigs.values())) + 1
+    deadline = perf_counter() + time_limit_s
+
+    def solve(reqs: list[Request], **kw) -> MemoryPlan:
+        nonlocal solves_left
+        rest = deadline - perf_counter()
+        plan = solve_plan(reqs, max(rest, 1e-3) / solves_left, use_mip=rest > 0, alignment=ALIGNMENT,
+                          mip_solver=mip_solver, **kw)
+        solves_left -= 1
+        return plan
+
+    level1: dict[int, MemoryPlan] = {}
+    offs1: dict[int, dict[int, int]] = {}
+    solved: dict[tuple, MemoryPlan] = {}
+    for p, sig in sigs.items():
         if sig not in solved:
-            plan = solve_plan([Request(*r) for r in sig], time_limit_s, alignment=ALIGNMENT, mip_solver=mip_solver,
-                              info=dict(level=1, window=list(layout[p])))
-            solved[sig] = (plan, plan.offsets)
-        level1[p] = solved[sig][0]
-        offs1[p] = {k: o for (k, *_), o in zip(reqs, solved[sig][1])}
+            solved[sig] = solve([Request(*r) for r in sig], info=dict(level=1, window=list(layout[p])))
+        level1[p] = solved[sig]
+        offs1[p] = {k: o for (k, *_), o in zip(transients[p], solved[sig].offsets)}
     reqs2 = [Request(level1[p].peak_bytes, span[p][0], span[p][1]) for p in sorted(level1)]
     names = [f"{layout[p][0]}{layout[p][1]}" for p in sorted(level1)]
     reqs2 += [r for *_, r in crossing]
@@ -370,8 +386,8 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     offsets = [[-1] * len(x) for x in sizes]
     free_at = [[-1] * len(x) for x in sizes]
     if reqs2:
-        level2 = solve_plan(reqs2, time_limit_s, alignment=ALIGNMENT, names=names, mip_solver=mip_solver,
-                            info=dict(level=2, windows=n, layer_passes=len(level1), crossing=len(crossing)))
+        level2 = solve(reqs2, names=names,
+                       info=dict(level=2, windows=n, layer_passes=len(level1), crossing=len(crossing)))
         block = dict(zip(sorted(level1), level2.offsets))
         for p, ks in offs1.items():
             for k, o in ks.items():
@@ -431,7 +447,7 @@ class PlanRuntime:
     mip_solver: str = "auto"  # solve_plan's: auto (HiGHS where installed, else CBC) | highs | cbc
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
-    reuse_after: str = "free"  # a freed tensor other streams still read: reused from its free | next_pass | release
+    reuse_after: str = "next_pass"  # a freed tensor other streams still read: reused after next_pass | free | release
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
     stream_names: dict = field(default_factory=dict)  # stream handle -> a name for the report (the swap's streams)
     # what starts an iteration: "layer0" (layer 0's forward), "model" (the model's forward: attach_windows
@@ -447,6 +463,7 @@ class PlanRuntime:
     layout_misses: int = 0
     warned: set = field(default_factory=set)
     at_plan: dict = field(default_factory=dict)  # the core's bytes when the plan was made (before the region)
+    planning_s: float = 0.0  # how long planning the recorded iteration took (the other ranks wait that long)
     save_dir: str | None = None  # where the plans go as JSON (the run directory), None: not saved
     rank: int = 0
     saved: list = field(default_factory=list)  # the JSON files written
@@ -519,6 +536,9 @@ class PlanRuntime:
         events = self.core.events()
         self.core.lib.lt_record_clear()
         seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
+        log.info("memory plan: planning the recorded iteration (%d requests; MIP time limit %.0f s in all, while "
+                 "the other ranks wait)", sum(1 for e in events if e[0] == 0), self.time_limit_s)
+        t0 = perf_counter()
         try:
             plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=self.time_limit_s,
                                            side_streams=self.side_streams, mip_solver=self.mip_solver,
@@ -536,6 +556,7 @@ class PlanRuntime:
             # measured on an H200, 3 GiB held for good, their planned slots refused every iteration. Collect
             # such cycles now.
             gc.collect()
+            self.planning_s = perf_counter() - t0
         if not plan.region_bytes:
             self._off()
             log.warning("memory plan: the recorded iteration has no request to plan; the fallback allocator "
@@ -592,7 +613,8 @@ class PlanRuntime:
         left to the fallback, missed, refused; bytes), the fallback's bytes when the plan was made, the
         most frequent refusals and lifetime breaks, and why requests were left out of the plan."""
         return {"rank": self.rank, "state": self.state, "reuse_after": self.reuse_after, "summary": self.summary(),
-                "at_plan": self.at_plan, "layout_misses": self.layout_misses, "refusals": self.refusal_report(),
+                "planning_s": self.planning_s, "at_plan": self.at_plan, "layout_misses": self.layout_misses,
+                "refusals": self.refusal_report(),
                 "lifetimes": self.lifetime_report(), "unplanned": self.plan.unplanned if self.plan else {},
                 "waits": self.wait_report(), **self.core.stats()}
 
@@ -638,7 +660,7 @@ class PlanRuntime:
                 f"passes, {len(l1)} distinct plans, largest peak {l1[0].peak_bytes / 2**30 if l1 else 0:.3f} GiB, "
                 f"worst peak/lower bound {worst1:.4f}; level 2: {len(l2.requests)} requests, peak "
                 f"{l2.peak_bytes / 2**30:.3f} GiB, lower bound {l2.lower_bound_bytes / 2**30:.3f} GiB "
-                f"(ratio {l2.ratio:.4f}, {l2.solver})")
+                f"(ratio {l2.ratio:.4f}, {l2.solver}); planned in {self.planning_s:.1f} s")
 
     def refusal_report(self, top: int = 10) -> list[dict]:
         """The most frequent refusals: which planned request found its slot taken, and by which block
