@@ -833,6 +833,11 @@ def exit_if_oom(e: BaseException) -> None:
     core = active_core()
     if core is not None:  # the planned allocator: where its memory was when the request failed
         print(f"rank {_rank()}: memory plan at the failure: {core.holdings()}", file=sys.stderr, flush=True)
+    if torch.cuda.is_available():  # the driver's count: what torch's figures leave out (context, NCCL, others)
+        free, total = torch.cuda.mem_get_info()
+        print(f"rank {_rank()}: the device at the failure: {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB "
+              f"(torch reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB of it, the ballast included)",
+              file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(EXIT_OOM)
 
