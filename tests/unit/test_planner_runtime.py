@@ -969,6 +969,22 @@ def test_plans_are_shared_by_identical_windows_and_aligned():
     assert plan.region_bytes == 3072 + 512
 
 
+def test_layer_passes_alike_share_their_plan_whatever_runs_between_their_requests():
+    """Level 1 plans a pass's own requests, so only their order matters: a side stream's gather in the
+    middle of the second pass (planned on level 2) must not make it a second solve. With 32 layers every
+    pass would otherwise be one, each taking its share of the time limit."""
+    ev = [(0, 0, 0, 1000, 1, 1, S1), (0, 0, 1, 2000, 1, 2, S1), (1, 0, -1, 1000, 0, 1, S1), (1, 0, -1, 2000, 0, 2, S1),
+          (0, 1, 0, 1000, 1, 3, S1), (0, 1, 1, 4096, 0, 4, S2), (0, 1, 2, 2000, 1, 5, S1), (1, 1, -1, 1000, 0, 3, S1),
+          (1, 1, -1, 2000, 0, 5, S1), (1, 1, -1, 4096, 0, 4, S2)]
+    plan = plan_recorded_iteration(ev, [("fwd", 0), ("fwd", 1)], [0, 1])
+    assert plan.level1[0] is plan.level1[1]
+    assert [(r.start, r.end) for r in plan.level1[0].requests] == [(0, 2), (1, 3)]  # their own order
+    a, b, g = plan.offsets[1][0], plan.offsets[1][2], plan.offsets[1][1]
+    assert min(a, b) >= 0 and g >= 0 and b - a == plan.offsets[0][1] - plan.offsets[0][0]  # one layout, two places
+    assert a + 1024 <= b or b + 2048 <= a  # live together: apart
+    assert g + 4096 <= min(a, b) or max(a + 1024, b + 2048) <= g  # the gather, live over them: apart too
+
+
 def test_the_time_limit_bounds_the_whole_plan_not_each_solve(monkeypatch):
     """Every rank waits in its next collective for the slowest rank's plan (on two H200s one rank planned
     for 80 s with 20 s per solve), so time_limit_s is the plan's in all: each MIP gets the time left

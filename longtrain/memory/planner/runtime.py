@@ -351,11 +351,14 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             transients.setdefault(p, []).append((k, size, t0, lt))
         else:  # level 2's own requests (a side stream's too: level 1's shared plans are one stream's)
             crossing.append((p, k, fp, Request(size, t0, lt)))
-    sigs: dict[int, tuple] = {}  # layer pass -> its transients as (size, start, end) from the pass's start
+    # layer pass -> its transients as (size, start, end), times numbered in the order of their own starts
+    # and ends: what else runs in the pass (a side stream's gather, level 2's frees) leaves that order, and
+    # so which of them overlap, as it is; passes alike share one solve
+    sigs: dict[int, tuple] = {}
     for p, reqs in sorted(transients.items()):
         reqs.sort()
-        base = span[p][0]
-        sigs[p] = tuple((size, t0 - base, t1 - base) for _, size, t0, t1 in reqs)
+        rank = {v: i for i, v in enumerate(sorted({t for _, _, t0, t1 in reqs for t in (t0, t1)}))}
+        sigs[p] = tuple((size, rank[t0], rank[t1]) for _, size, t0, t1 in reqs)
     # time_limit_s is the whole plan's: every rank waits in its next collective for the slowest rank's
     # plan, so each solve's MIP gets the time left divided among the solves left (level 2 the last), and
     # once none is left the greedy plan alone
