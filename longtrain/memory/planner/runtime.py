@@ -539,8 +539,9 @@ class PlanRuntime:
         events = self.core.events()
         self.core.lib.lt_record_clear()
         seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
-        log.info("memory plan: planning the recorded iteration (%d requests; MIP time limit %.0f s in all, while "
-                 "the other ranks wait)", sum(1 for e in events if e[0] == 0), self.time_limit_s)
+        log.info("memory plan: planning the recorded iteration: %d requests, MIP time limit %.0f s in all (other "
+                 "ranks wait for this one in their next collective)", sum(1 for e in events if e[0] == 0),
+                 self.time_limit_s)
         t0 = perf_counter()
         try:
             plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=self.time_limit_s,
