@@ -475,6 +475,10 @@ def run_peer(ns) -> dict | None:
     prof = tn.profile_peer(ns, run)
     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
     offload_per_step = sorted({tuple(sorted(r["offload"].items())) for r in recs if r["offload"]})
+    # the engine (its ZeRO-3 hooks and workers) goes before the process group, as bench_train tears
+    # longtrain's down: left to the interpreter's exit, one CI run's rank aborted there
+    # ("terminate called without an active exception") after its record was written
+    peer.engine.destroy()
     dist.destroy_process_group()
     if peer.rank != 0:
         return None
