@@ -166,9 +166,10 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--fallback", choices=PLANNER_FALLBACKS, default=PLANNER_FALLBACKS[0],
                     help="what serves the requests the plan does not (memory.planner.fallback)")
-    ap.add_argument("--reuse-after", choices=PLANNER_REUSE_AFTER, default=PLANNER_REUSE_AFTER[0],
-                    help="a freed tensor other streams still read: its bytes reused from its free, the end of "
-                         "the next layer pass or its release (memory.planner.reuse_after)")
+    ap.add_argument("--reuse-after", choices=PLANNER_REUSE_AFTER, default="free",
+                    help="a freed tensor other streams still read: its bytes reused from its free (default here: "
+                         "the plan's tightest reuse), the end of the next layer pass or its release "
+                         "(memory.planner.reuse_after)")
     a = ap.parse_args()
     if a.worker:
         worker(a.worker == "planned", a.out, a.fallback, a.reuse_after)

@@ -362,25 +362,20 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     # time_limit_s is the whole plan's: every rank waits in its next collective for the slowest rank's
     # plan, so each solve's MIP gets the time left divided among the solves left (level 2 the last), and
     # once none is left the greedy plan alone
-    solves_left = len(set(sigs.values())) + 1
     deadline = perf_counter() + time_limit_s
 
-    def solve(reqs: list[Request], **kw) -> MemoryPlan:
-        nonlocal solves_left
+    def solve(reqs: list[Request], solves_left: int, **kw) -> MemoryPlan:
         rest = deadline - perf_counter()
-        plan = solve_plan(reqs, max(rest, 1e-3) / solves_left, use_mip=rest > 0, alignment=ALIGNMENT,
+        return solve_plan(reqs, max(rest, 1e-3) / solves_left, use_mip=rest > 0, alignment=ALIGNMENT,
                           mip_solver=mip_solver, **kw)
-        solves_left -= 1
-        return plan
 
-    level1: dict[int, MemoryPlan] = {}
-    offs1: dict[int, dict[int, int]] = {}
-    solved: dict[tuple, MemoryPlan] = {}
+    first: dict[tuple, int] = {}  # each distinct signature -> the first pass with it
     for p, sig in sigs.items():
-        if sig not in solved:
-            solved[sig] = solve([Request(*r) for r in sig], info=dict(level=1, window=list(layout[p])))
-        level1[p] = solved[sig]
-        offs1[p] = {k: o for (k, *_), o in zip(transients[p], solved[sig].offsets)}
+        first.setdefault(sig, p)
+    solved = {sig: solve([Request(*r) for r in sig], len(first) + 1 - i, info=dict(level=1, window=list(layout[p])))
+              for i, (sig, p) in enumerate(first.items())}
+    level1: dict[int, MemoryPlan] = {p: solved[sig] for p, sig in sigs.items()}
+    offs1 = {p: {k: o for (k, *_), o in zip(transients[p], level1[p].offsets)} for p in sigs}
     reqs2 = [Request(level1[p].peak_bytes, span[p][0], span[p][1]) for p in sorted(level1)]
     names = [f"{layout[p][0]}{layout[p][1]}" for p in sorted(level1)]
     reqs2 += [r for *_, r in crossing]
@@ -389,7 +384,7 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     offsets = [[-1] * len(x) for x in sizes]
     free_at = [[-1] * len(x) for x in sizes]
     if reqs2:
-        level2 = solve(reqs2, names=names,
+        level2 = solve(reqs2, 1, names=names,
                        info=dict(level=2, windows=n, layer_passes=len(level1), crossing=len(crossing)))
         block = dict(zip(sorted(level1), level2.offsets))
         for p, ks in offs1.items():
@@ -618,9 +613,8 @@ class PlanRuntime:
         most frequent refusals and lifetime breaks, and why requests were left out of the plan."""
         return {"rank": self.rank, "state": self.state, "reuse_after": self.reuse_after, "summary": self.summary(),
                 "planning_s": self.planning_s, "at_plan": self.at_plan, "layout_misses": self.layout_misses,
-                "refusals": self.refusal_report(),
-                "lifetimes": self.lifetime_report(), "unplanned": self.plan.unplanned if self.plan else {},
-                "waits": self.wait_report(), **self.core.stats()}
+                "refusals": self.refusal_report(), "lifetimes": self.lifetime_report(),
+                "unplanned": self.plan.unplanned if self.plan else {}, "waits": self.wait_report(), **self.core.stats()}
 
     def wait_report(self) -> list[dict]:
         """Which stream the plan's reuse made wait for which, and how often (`Core.wait_pairs`), most first:
