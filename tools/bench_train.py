@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -826,8 +827,10 @@ def exit_if_oom(e: BaseException) -> None:
     text = str(e)
     if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
         return
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                        for f in reversed(traceback.extract_tb(e.__traceback__)[-6:]))
     print(f"{OOM_MARKER} rank {_rank()}: out of memory: {text.strip().splitlines()[0][:300]}",
-          file=sys.stderr, flush=True)
+          f"(in {where})" if where else "", file=sys.stderr, flush=True)
     from longtrain.memory.planner.runtime import active_core
 
     core = active_core()

@@ -15,7 +15,8 @@
 #           (torch's caching allocator behind the plan: memory.planner.fallback=caching, the default),
 #           planned-pool (memory.planner.fallback=pool) and planned-release (a tensor other streams still
 #           read is reused from where the recording saw them done: memory.planner.reuse_after=release;
-#           planned-pass: from the end of the next layer pass, or that release if sooner: =next_pass);
+#           planned-pass: from the end of the next layer pass, or that release if sooner: =next_pass, the
+#           default; planned-free: at its free, =free);
 #           default the first three. A planned variant's saved plans (JSON) and their pictures land in $OUT
 #           too, level 2 beside the caching run's snapshot of one step (bench_train --memory-snapshot) when
 #           caching ran first
@@ -50,6 +51,7 @@ variant() {  # name -> overrides
     planned-caching) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.fallback=caching" ;;
     planned-release) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.reuse_after=release" ;;
     planned-pass) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.reuse_after=next_pass" ;;
+    planned-free) echo "memory.planner.enabled=true memory.planner.time_limit_s=20 memory.planner.reuse_after=free" ;;
   esac
 }
 case "${1:-}" in

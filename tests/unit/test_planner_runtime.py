@@ -1164,3 +1164,113 @@ def test_planner_fallback_setting_reaches_the_installer(monkeypatch):
     from longtrain.memory.planner.runtime import install_cuda_allocator
     with pytest.raises(ValueError, match="memory.planner.fallback='native'"):
         install_cuda_allocator(0, fallback="native")
+
+
+def _swap_like_step(rt, core):
+    """One trainer step of two layer passes, driven window by window as the hooks do: a (1024) is freed in
+    fwd0 while S2 (a swap's D2H copy) still reads it, b (512) lives in the gap, c (1024) in fwd1, e (1536)
+    in the last gap. S2 is seen done only after the step, so the record has no release: the iteration's
+    region is 1536 under `free` and 2048 under `next_pass` (a kept through fwd1)."""
+    rt.begin_iteration()
+    rt.begin(0, "fwd")
+    a = core.malloc(1024, S1)
+    core.record_stream(a, S2)
+    core.free(a, S1)
+    rt.end(0, "fwd")
+    core.free(core.malloc(512, S1), S1)
+    rt.begin(1, "fwd")
+    core.free(core.malloc(1024, S1), S1)
+    rt.end(1, "fwd")
+    core.free(core.malloc(1536, S1), S1)
+    rt.end_iteration()
+    core.lib.lt_host_complete_events()
+
+
+@pytest.mark.parametrize("limit,served_by", [(0, "next_pass"), (4096, "next_pass"), (1800, "free"), (1200, None)])
+def test_a_plan_that_would_not_fit_beside_the_fallback_is_made_smaller_or_not_used(core, caplog, limit, served_by):
+    """Before the region is taken, the plan's need (region, and what the fallback gains in an iteration)
+    is compared with the room on the device (its free bytes and what the fallback reserves beyond its live
+    bytes): `next_pass` where it fits, else `free`, the smallest region, where that fits; else no plan, and
+    the fallback serves as before the plan, rather than the replayed iteration running out of memory. The
+    host core's limit stands for the device (0: no limit, the room unknown)."""
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, iterations="step")  # records iteration 2
+    for _ in range(3):
+        _swap_like_step(rt, core)
+    core.lib.lt_host_limit(limit)
+    with caplog.at_level(logging.WARNING, logger="longtrain.memory.planner.runtime"):
+        _swap_like_step(rt, core)  # plans at its start
+    if served_by is None:
+        assert rt.state == "off" and rt.plan is None and core.region_base() == 0
+        assert "no plan fits beside what the fallback holds" in caplog.text
+        assert rt.at_plan["need"] == 1536 and rt.at_plan["room"] == 1200
+        return
+    assert rt.state == "replay" and rt.plan.reuse_after == served_by and rt.report()["reuse_after"] == served_by
+    assert rt.plan.region_bytes == {"free": 1536, "next_pass": 2048}[served_by]
+    assert ("reuse_after=free serves instead of next_pass" in caplog.text) == (served_by == "free")
+    assert rt.at_plan["room"] == (limit or None) and rt.plan.fallback_growth_bytes == 0
+    _swap_like_step(rt, core)
+    s = core.stats()
+    assert s["served"] == 8 and s["fallback"] >= 0 and (s["miss_size"], s["miss_length"], s["refused_overlap"]) == (
+        0, 0, 0), s
+
+
+def test_what_the_fallback_gains_in_an_iteration_counts_beside_the_region():
+    """The fallback's growth in an iteration: the bytes of the requests the plan leaves to it (a side stream's
+    with side_streams=False, those that outlive the iteration), less the blocks from before the iteration
+    it frees, at their most."""
+    # window 0: x (S1, planned, 1024), g (S2, 2048, left out), an earlier block (512) freed; window 1: y
+    # (outlives the iteration, 4096) after g is freed
+    ev = [(0, 0, 0, 1024, 1, 1, S1), (0, 0, 1, 2048, 0, 2, S2), (1, 0, -1, 512, 0, 99, S1),
+          (1, 0, -1, 1024, 0, 1, S1), (1, 1, -1, 2048, 0, 2, S2), (0, 1, 0, 4096, 1, 3, S1)]
+    plan = plan_recorded_iteration(ev, [("fwd", 0), ("fwd", 1)], [0, 1], side_streams=False)
+    assert plan.unplanned["side_stream"]["peak_live_bytes"] == 2048
+    assert plan.fallback_growth_bytes == 4096 - 512  # y after the earlier block and g are gone
+    assert plan_recorded_iteration(ev, [("fwd", 0), ("fwd", 1)], [0, 1]).fallback_growth_bytes == 4096 - 512
+
+
+def test_a_request_between_steps_takes_the_idle_region_and_the_next_step_takes_it_back(core, caplog):
+    """Between two steps (evaluation, a checkpoint: outside every window) no planned tensor is live, so when
+    the device cannot serve such a request the region goes back to the device for it, and the next step
+    takes the region again and replays its plan. Inside a window the region stays (its planned requests
+    need it). If what ran between the steps still holds the memory, the plan turns off with a warning and
+    the fallback serves the run."""
+    net = _Net(core)
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, iterations="step")
+    attach_windows(net.layers, rt, model=net)
+
+    def step():
+        rt.begin_iteration()
+        net(torch.ones(4, requires_grad=True)).sum().backward()
+        rt.end_iteration()
+
+    for _ in range(4):
+        step()
+    assert rt.state == "replay" and core.stats()["served"] == rt.plan.planned() > 0
+    region = rt.plan.region_bytes
+    kept = core.malloc(4096, S1)  # outside windows: the fallback's
+    core.lib.lt_host_limit(core.stats()["reserved"] + 1024)  # full but for 1 KiB
+    big = core.malloc(region, S1)  # fits only where the idle region was
+    s = core.stats()
+    assert big and s["region_given_back"] == 1 and s["region"] == 0 and core.region_base() == 0
+    core.free(big, S1)
+    with caplog.at_level(logging.INFO, logger="longtrain.memory.planner.runtime"):
+        step()
+    s = core.stats()
+    assert rt.state == "replay" and core.region_base() != 0 and s["region"] == region
+    assert s["served"] == 2 * rt.plan.planned() and (s["miss_size"], s["miss_length"], s["refused_overlap"]) == (
+        0, 0, 0), s
+    assert "taken again" in caplog.text
+    rt.begin_iteration()  # a window is open: its plan needs the region, which stays
+    assert not core.malloc(region, S1) and core.stats()["region_given_back"] == 1 and core.region_base()
+    rt.end_iteration()
+    big = core.malloc(region, S1)  # between steps again: given back, and held into the next step
+    assert big and core.stats()["region_given_back"] == 2
+    with caplog.at_level(logging.WARNING, logger="longtrain.memory.planner.runtime"):
+        rt.begin_iteration()
+    assert rt.state == "off" and "could not be taken again" in caplog.text
+    core.lib.lt_host_limit(0)
+    net(torch.ones(4, requires_grad=True)).sum().backward()  # the fallback serves the step
+    rt.end_iteration()
+    core.free(big, S1)
+    core.free(kept, S1)
+    assert core.stats()["allocated"] == 0 and core.stats()["served"] == 2 * rt.plan.planned()

@@ -47,6 +47,7 @@ enum { BACKEND_NONE = 0, BACKEND_HOST = 1, BACKEND_CUDA = 2 };
 static int backend = BACKEND_NONE;
 
 static cuerr_t (*c_malloc)(void **, size_t);
+static cuerr_t (*c_free)(void *);
 static cuerr_t (*c_malloc_async)(void **, size_t, stream_t);
 static cuerr_t (*c_free_async)(void *, stream_t);
 static cuerr_t (*c_event_create)(void **, unsigned);
@@ -56,6 +57,7 @@ static cuerr_t (*c_event_destroy)(void *);
 static cuerr_t (*c_stream_wait_event)(stream_t, void *, unsigned);
 static cuerr_t (*c_device_sync)(void);
 static cuerr_t (*c_get_last_error)(void);
+static cuerr_t (*c_mem_get_info)(size_t *, size_t *);
 static cuerr_t (*c_default_pool)(void **, int);
 static cuerr_t (*c_pool_set)(void *, int, void *);
 static cuerr_t (*c_pool_get)(void *, int, void *);
@@ -193,6 +195,7 @@ enum {
     S_MISS_STREAM, S_REFUSED_OVERLAP, S_FALLBACK, S_DEFERRED, S_CHECK_LIFETIME, S_CHECK_LEAKED,
     S_REGION, S_PLANNED_LIVE, S_OOM_RETRIES, S_WINDOWS, S_UNKNOWN_FREE, S_AFTER_MISS, S_REUSE_WAITS,
     S_CROSS_WAITS, S_GHOSTS, /* waits queued for a ghost's stream; ghosts pending now */
+    S_REGION_GIVEN_BACK, /* times the idle region went back to the device for a request outside every window */
     S_FB_BYTES, /* FB_N: the fallback's bytes held now (until really released), by why it served them */
     S_FB_PEAK = S_FB_BYTES + 4, /* FB_N: their peaks since the last reset */
     S_N = S_FB_PEAK + 4
@@ -257,7 +260,8 @@ static void pool_trim(void) {
 
 static void *host_alloc(size_t size, stream_t stream) {
     (void)stream;
-    if (host_limit && host_reserved + (int64_t)size > host_limit) return NULL; /* a test's "device" is full */
+    /* a test's "device" is full: the limit holds the region and the fallback's bytes together */
+    if (host_limit && region_bytes + host_reserved + (int64_t)size > host_limit) return NULL;
     void *p = malloc(size);
     if (p) {
         host_reserved += (int64_t)size;
@@ -511,12 +515,13 @@ int lt_init_cuda(const char *cudart, int device) {
     void *h = dlopen(cudart, RTLD_NOW | RTLD_NOLOAD);
     if (!h) h = dlopen(cudart, RTLD_NOW);
     if (!h) return -1;
-    SYM(c_malloc, "cudaMalloc");
+    SYM(c_malloc, "cudaMalloc"); SYM(c_free, "cudaFree");
     SYM(c_malloc_async, "cudaMallocAsync"); SYM(c_free_async, "cudaFreeAsync");
     SYM(c_event_create, "cudaEventCreateWithFlags"); SYM(c_event_record, "cudaEventRecord");
     SYM(c_event_query, "cudaEventQuery"); SYM(c_event_destroy, "cudaEventDestroy");
     SYM(c_stream_wait_event, "cudaStreamWaitEvent");
     SYM(c_device_sync, "cudaDeviceSynchronize"); SYM(c_get_last_error, "cudaGetLastError");
+    SYM(c_mem_get_info, "cudaMemGetInfo");
     SYM(c_default_pool, "cudaDeviceGetDefaultMemPool"); SYM(c_pool_set, "cudaMemPoolSetAttribute");
     SYM(c_pool_get, "cudaMemPoolGetAttribute"); SYM(c_pool_trim, "cudaMemPoolTrimTo");
     if (c_default_pool(&pool, device)) return -3;
@@ -548,7 +553,8 @@ int lt_region_alloc(int64_t bytes) {
         r = -2;
     } else if (bytes > 0) {
         void *p = NULL;
-        if (backend == BACKEND_HOST) p = malloc((size_t)bytes);
+        if (backend == BACKEND_HOST) /* a test's limit holds the region too */
+            p = host_limit && host_reserved + bytes > host_limit ? NULL : malloc((size_t)bytes);
         else if (c_malloc(&p, (size_t)bytes)) { c_get_last_error(); p = NULL; }
         if (!p) {
             r = -1;
@@ -566,6 +572,22 @@ int lt_region_alloc(int64_t bytes) {
 }
 
 int64_t lt_region_base(void) { return (int64_t)(intptr_t)region; }
+
+/* The device's free bytes (cudaMemGetInfo): what a region could still take beside what the fallback holds.
+ * Host backend: the test's limit less what is reserved; -1 without a limit (as much as needed). */
+int64_t lt_device_free(void) {
+    int64_t r = -1;
+    pthread_mutex_lock(&mu);
+    if (backend == BACKEND_HOST) {
+        if (host_limit) r = host_limit - host_reserved - region_bytes;
+    } else if (backend == BACKEND_CUDA) {
+        size_t free_b = 0, total = 0;
+        if (c_mem_get_info(&free_b, &total)) c_get_last_error();
+        else r = (int64_t)free_b;
+    }
+    pthread_mutex_unlock(&mu);
+    return r;
+}
 
 /* offsets[k] < 0: request k is not planned; free_at[k]: the plan id of the window that frees it (check
  * mode); stream[k]: the stream it must come on (-1: the window's); flags[k]: PLAN_GHOST. Every planned
@@ -605,7 +627,7 @@ int64_t lt_window_begin(int plan, stream_t stream) {
     prune_ghosts(0);
     close_window();
     win.active = 1;
-    win.plan = (plan >= 0 && plan < MAX_PLANS && plans[plan].size) ? plan : -1;
+    win.plan = (region && plan >= 0 && plan < MAX_PLANS && plans[plan].size) ? plan : -1;
     win.asked = plan;
     win.off = 0;
     win.k = 0;
@@ -621,6 +643,22 @@ void lt_window_end(void) {
     pthread_mutex_lock(&mu);
     close_window();
     pthread_mutex_unlock(&mu);
+}
+
+/* A request outside every window (evaluation, a checkpoint, the export between the trainer's steps) that the
+ * device cannot serve while the region holds no planned tensor: the region goes back to the device, and
+ * runtime.py takes it again when the next iteration starts (lt_region_alloc). Inside a window it stays: the
+ * window's planned requests need it. 1: given back. */
+static int region_give_back(void) {
+    if (!region || win.active || nlive) return 0;
+    prune_ghosts(1); /* every stream done with the region's bytes (a device synchronisation) */
+    if (backend == BACKEND_HOST) free(region);
+    else if (c_free(region)) { c_get_last_error(); return 0; }
+    int64_t peak = region_bytes + fb.reserved(1); /* the reserved peak with the region, kept as a floor */
+    if (peak > reserved_floor) reserved_floor = peak;
+    region = NULL; region_bytes = 0; st[S_REGION] = 0;
+    st[S_REGION_GIVEN_BACK]++;
+    return 1;
 }
 
 static void *alloc_locked(size_t size, stream_t stream) {
@@ -675,6 +713,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
             fb.trim();
             ptr = fb.alloc(size, stream);
         }
+        if (!ptr && fb.alloc && region_give_back()) ptr = fb.alloc(size, stream);
         if (!ptr) { free(b); return NULL; }
         st[S_FALLBACK]++;
     }

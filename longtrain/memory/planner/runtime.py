@@ -67,7 +67,7 @@ ALIGNMENT = 512
 STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "served", "miss_size", "miss_length",
               "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
               "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss", "reuse_waits",
-              "cross_stream_waits", "ghosts",
+              "cross_stream_waits", "ghosts", "region_given_back",
               # the bytes the fallback holds by why it served them, then their peaks
               *(f"fallback_{why}{peak}" for peak in ("", "_peak")
                 for why in ("no_plan", "unplanned", "refused", "after_miss")))
@@ -109,7 +109,7 @@ class Core:
         self.lib = lib = ctypes.CDLL(str(path))
         i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         sig = {"lt_init_host": (i32, []), "lt_init_cuda": (i32, [ctypes.c_char_p, i32]),
-               "lt_region_alloc": (i32, [i64]), "lt_region_base": (i64, []),
+               "lt_region_alloc": (i32, [i64]), "lt_region_base": (i64, []), "lt_device_free": (i64, []),
                "lt_set_plan": (i32, [i32, i64, *[ctypes.POINTER(i64)] * 5]),
                "lt_window_begin": (i64, [i32, vp]), "lt_window_end": (None, []),
                "lt_malloc": (vp, [ctypes.c_size_t, i32, vp]), "lt_free": (None, [vp, ctypes.c_size_t, i32, vp]),
@@ -241,6 +241,10 @@ class IterationPlan:
     unplanned: dict = field(default_factory=dict)  # why requests were left to the fallback: cause -> counts
     streams: list[list[int]] = field(default_factory=list)  # per window: the stream each request came on
     ghosts: list[list[bool]] = field(default_factory=list)  # per window: its free guards the bytes from other streams
+    reuse_after: str = "next_pass"  # the rule the plan was made with (PLANNER_REUSE_AFTER)
+    # the most bytes the fallback holds during the iteration beyond what it held when the iteration began
+    # (what the plan leaves to it, less what it frees of the bytes allocated before)
+    fallback_growth_bytes: int = 0
 
     @property
     def region_bytes(self) -> int:
@@ -300,6 +304,7 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     if reuse_after not in PLANNER_REUSE_AFTER:
         raise ValueError(f"reuse_after={reuse_after!r}: use one of {', '.join(PLANNER_REUSE_AFTER)}")
     blocks: dict[int, _Recorded] = {}
+    earlier_frees = []  # (t, -size): blocks allocated before the iteration and freed in it (the fallback's)
     t = 0
     for typ, win, k, size, flag, bid, stream in events:
         p = pos_of.get(win)
@@ -315,6 +320,8 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
             blocks[bid] = _Recorded(p, k, size, bool(flag), t, stream)
         elif typ == 1 and bid in blocks:  # a free: where and when, and whether another stream still read it
             blocks[bid].freed, blocks[bid].deferred = (p, t), bool(flag)
+        elif typ == 1:
+            earlier_frees.append((t, -size))
         elif typ == 2 and bid in blocks:  # the deferred free done: the other streams were seen done with it
             blocks[bid].released = (p, t)
         t += 1
@@ -397,14 +404,21 @@ def plan_recorded_iteration(events, layout: list[Window], seqs: list[int], *, ti
     for b in blocks.values():
         streams[b.pos][b.k] = b.stream
     ghosts = _cross_stream_ghosts(sizes, offsets, streams)
-    unplanned = {}
-    for cause, (count, nbytes, edges) in sorted(left.items()):
-        live = peak = 0
-        for _, d in sorted(edges, key=lambda e: (e[0], e[1])):  # a free before an allocation at one time
-            live += d
-            peak = max(peak, live)
-        unplanned[cause] = {"requests": count, "bytes": nbytes, "peak_live_bytes": peak}
-    return IterationPlan(list(layout), sizes, offsets, free_at, level1, level2, unplanned, streams, ghosts)
+    unplanned = {cause: {"requests": count, "bytes": nbytes, "peak_live_bytes": _peak_live(edges)}
+                 for cause, (count, nbytes, edges) in sorted(left.items())}
+    growth = _peak_live([e for *_, edges in left.values() for e in edges] + earlier_frees)
+    return IterationPlan(list(layout), sizes, offsets, free_at, level1, level2, unplanned, streams, ghosts,
+                         reuse_after, growth)
+
+
+def _peak_live(edges: list[tuple[int, int]]) -> int:
+    """The most bytes live at once (from 0) over (time, +size at an allocation / -size at a free) edges; at
+    one time a free comes before an allocation."""
+    live = peak = 0
+    for _, d in sorted(edges):
+        live += d
+        peak = max(peak, live)
+    return peak
 
 
 def _cross_stream_ghosts(sizes, offsets, stream_of) -> list[list[bool]]:
@@ -481,7 +495,26 @@ class PlanRuntime:
         if self.state == "off":
             return
         self._next_iteration()
+        if self.state == "replay" and not self.core.lib.lt_region_base():
+            self._take_region_again()
         self._open(("gap", -1))
+
+    def _take_region_again(self) -> None:
+        """The core gave the idle region back to the device for a request between two steps (evaluation, a
+        checkpoint: see `region_give_back` in _alloc.c); the iteration's plan needs it again. If what ran
+        between the steps still holds the memory, the fallback serves everything from now on."""
+        self.core.lib.lt_empty_cache()
+        r = self.core.lib.lt_region_alloc(self.plan.region_bytes)
+        if r:
+            self._off()
+            log.warning("memory plan: the %.2f GiB region, given back to the device for what ran between two "
+                        "steps, could not be taken again (code %d; %.2f GiB allocated now): the fallback "
+                        "allocator serves everything from now on", self.plan.region_bytes / 2**30, r,
+                        self.core.stats()["allocated"] / 2**30)
+        elif "region" not in self.warned:
+            self.warned.add("region")
+            log.info("memory plan: the region was given back to the device for what ran between two steps "
+                     "and taken again (said once; counted in the report's region_given_back)")
 
     def end_iteration(self) -> None:
         """The iteration is over (the trainer's step returned): no window is open until the next one, so
@@ -534,14 +567,39 @@ class PlanRuntime:
         events = self.core.events()
         self.core.lib.lt_record_clear()
         seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
+        before = self.core.stats()
+        self.core.lib.lt_empty_cache()  # the fallback's cached memory back first: the region needs it
+        trimmed = self.core.stats()
+        free = self.core.lib.lt_device_free()
+        # what the region and the fallback's growth in an iteration can take: the device's free bytes and what
+        # the fallback reserves beyond its live bytes (None: unknown, as much as needed)
+        room = free + trimmed["reserved"] - trimmed["allocated"] if free >= 0 else None
+        self.at_plan = {"allocated": before["allocated"], "reserved": before["reserved"],
+                        "reserved_peak": before["reserved_peak"], "reserved_after_trim": trimmed["reserved"],
+                        "device_free": free, "room": room}
         log.info("memory plan: planning the recorded iteration: %d requests, MIP time limit %.0f s in all (other "
-                 "ranks wait for this one in their next collective)", sum(1 for e in events if e[0] == 0),
-                 self.time_limit_s)
+                 "ranks wait for this one in their next collective); %.2f GiB allocated, %.2f GiB reserved by the "
+                 "fallback (%.2f GiB after giving back what it caches; peak so far %.2f GiB), %s GiB free on the "
+                 "device", sum(1 for e in events if e[0] == 0), self.time_limit_s, before["allocated"] / 2**30,
+                 before["reserved"] / 2**30, trimmed["reserved"] / 2**30, before["reserved_peak"] / 2**30,
+                 "?" if free < 0 else f"{free / 2**30:.2f}")
         t0 = perf_counter()
         try:
-            plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=self.time_limit_s,
-                                           side_streams=self.side_streams, mip_solver=self.mip_solver,
-                                           reuse_after=self.reuse_after)
+            plan = None
+            # `reuse_after` where its plan fits the room; else `free`, the smallest region (on the time left)
+            for rule in dict.fromkeys((self.reuse_after, "free")):
+                limit = max(self.time_limit_s - (perf_counter() - t0), 0.0)
+                plan = plan_recorded_iteration(events, layout, seqs, time_limit_s=limit,
+                                               side_streams=self.side_streams, mip_solver=self.mip_solver,
+                                               reuse_after=rule)
+                need = plan.region_bytes + plan.fallback_growth_bytes
+                self.at_plan["need"] = need
+                if room is None or need <= room:
+                    break
+                log.warning("memory plan: with reuse_after=%s the plan needs %.2f GiB (a %.2f GiB region and %.2f "
+                            "GiB more for the fallback in an iteration), %.2f GiB more than the %.2f GiB there is "
+                            "room for", rule, need / 2**30, plan.region_bytes / 2**30,
+                            plan.fallback_growth_bytes / 2**30, (need - room) / 2**30, room / 2**30)
         except ValueError as e:
             self._off()
             log.warning("memory plan: cannot plan the recorded iteration (%s); the fallback allocator serves "
@@ -561,14 +619,16 @@ class PlanRuntime:
             log.warning("memory plan: the recorded iteration has no request to plan; the fallback allocator "
                         "serves everything")
             return
-        before = self.core.stats()
-        self.core.lib.lt_empty_cache()  # the fallback's cached memory back first: the region needs it
-        trimmed = self.core.stats()
-        self.at_plan = {"allocated": before["allocated"], "reserved": before["reserved"],
-                        "reserved_peak": before["reserved_peak"], "reserved_after_trim": trimmed["reserved"]}
-        log.info("memory plan: before the region, %.2f GiB allocated, %.2f GiB reserved by the fallback "
-                 "(%.2f GiB after giving back what it caches; peak so far %.2f GiB)", before["allocated"] / 2**30,
-                 before["reserved"] / 2**30, trimmed["reserved"] / 2**30, before["reserved_peak"] / 2**30)
+        if room is not None and need > room:
+            self._off()
+            log.warning("memory plan: no plan fits beside what the fallback holds, so the fallback allocator "
+                        "serves everything (as without the plan: the run goes on). A plan serves where there "
+                        "is more room: a shorter sequence, more GPUs, or more activations swapped")
+            return
+        if plan.reuse_after != self.reuse_after:
+            log.warning("memory plan: reuse_after=free serves instead of %s, whose plan does not fit: reused memory "
+                        "waits for other streams' copies and collectives (slower steps, docs/memory-planner.md)",
+                        self.reuse_after)
         r = self.core.lib.lt_region_alloc(plan.region_bytes)
         if r:
             self._off()
@@ -611,7 +671,8 @@ class PlanRuntime:
         """What the plan did on this rank: its state and summary, the core's counters (requests served,
         left to the fallback, missed, refused; bytes), the fallback's bytes when the plan was made, the
         most frequent refusals and lifetime breaks, and why requests were left out of the plan."""
-        return {"rank": self.rank, "state": self.state, "reuse_after": self.reuse_after, "summary": self.summary(),
+        reuse_after = self.plan.reuse_after if self.plan else self.reuse_after  # the rule that serves (see _make_plans)
+        return {"rank": self.rank, "state": self.state, "reuse_after": reuse_after, "summary": self.summary(),
                 "planning_s": self.planning_s, "at_plan": self.at_plan, "layout_misses": self.layout_misses,
                 "refusals": self.refusal_report(), "lifetimes": self.lifetime_report(),
                 "unplanned": self.plan.unplanned if self.plan else {}, "waits": self.wait_report(), **self.core.stats()}
@@ -658,7 +719,8 @@ class PlanRuntime:
                 f"passes, {len(l1)} distinct plans, largest peak {l1[0].peak_bytes / 2**30 if l1 else 0:.3f} GiB, "
                 f"worst peak/lower bound {worst1:.4f}; level 2: {len(l2.requests)} requests, peak "
                 f"{l2.peak_bytes / 2**30:.3f} GiB, lower bound {l2.lower_bound_bytes / 2**30:.3f} GiB "
-                f"(ratio {l2.ratio:.4f}, {l2.solver}); planned in {self.planning_s:.1f} s")
+                f"(ratio {l2.ratio:.4f}, {l2.solver}); reuse_after={p.reuse_after}; the fallback grows "
+                f"{p.fallback_growth_bytes / 2**30:.3f} GiB in an iteration; planned in {self.planning_s:.1f} s")
 
     def refusal_report(self, top: int = 10) -> list[dict]:
         """The most frequent refusals: which planned request found its slot taken, and by which block
