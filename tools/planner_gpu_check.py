@@ -7,8 +7,11 @@ caching allocator, once with the planned allocator (check mode). Each trains a d
 (float32, math kernel) whose layers mix the activation policies that use side streams and
 recomputation: layer 0 recomputes, layers 1-2 swap (alpha 0.5, chunked recompute), the last keeps; the
 MLP output projections of layers 0 and 3 gather their weight on a side stream as ZeRO-3 does.
-Steps 0-1 warm up and record; steps 2-4 replay; step 5 runs at another sequence length (the plan
-misses and falls back); step 6 is back at the first length (the plan serves again). The planned run
+Each step is an iteration, as in the trainer (the zero_grad and the optimizer step within it). Steps 0-1 warm
+up and record; steps 2-4 replay; step 5 runs at another sequence length (the plan misses and falls back);
+step 6 is back at the first length (the plan serves again). Between steps 3 and 4 the device is filled but
+for half the region and a tensor of three quarters of it is made: only the idle region can serve it, so it
+goes back to the device, and step 4 must take it again and replay its plan. The planned run
 must give the losses and gradients of the normal run (1e-6 relative), serve requests from the plan,
 refuse none, count misses only in step 5, and plan the side stream's requests (the gathers and, where
 it makes them there, the swap's prefetch buffers: `memory.planner.side_streams`).
@@ -90,6 +93,7 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         rt = PlanRuntime(core, dev, check=True, time_limit_s=10, record_iteration=1,  # no ZeRO-3: steps 1 on repeat
                          reuse_after=reuse_after)
         attach_windows(model.model.layers, rt, model=model)
+        rt.iterations = "step"  # as the trainer: begin_iteration and end_iteration around each step
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator(device=dev).manual_seed(0)
     rec = {"steps": []}
@@ -97,6 +101,8 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         s = OTHER_SEQ if step == 5 else SEQ
         ids = torch.randint(0, args.vocab_size, (1, s), device=dev, generator=g)
         before = dict(core.stats()) if rt else {}
+        if rt:
+            rt.begin_iteration()
         opt.zero_grad(set_to_none=True)
         loss, _ = model(ids, None, ids)
         loss.backward()
@@ -104,6 +110,15 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad.double().cpu() for n, p in
                  model.named_parameters() if p.grad is not None}
         opt.step()
+        if rt:
+            rt.end_iteration()
+        if rt and step == 3 and rt.plan:  # between two replayed steps, a request only the idle region can serve
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            region = rt.plan.region_bytes
+            held = [torch.empty(torch.cuda.mem_get_info(dev)[0] - region // 2, dtype=torch.uint8, device=dev)]
+            held.append(torch.empty(region * 3 // 4, dtype=torch.uint8, device=dev))  # the borrowed bytes
+            del held
         entry = {"seq": s, "loss": loss.item(), "grad_norms": {n: v.norm().item() for n, v in grads.items()}}
         if rt:
             after = core.stats()
@@ -150,6 +165,9 @@ def compare(ref_path: str, got_path: str) -> dict:
             problems.append("step 5 (another length): no size miss counted")
         if p["refused_overlap"] or p["check_lifetime"] or p["check_leaked"]:
             problems.append(f"step {step}: the plan's lifetimes were not kept: {p}")
+    st = got.get("stats", {})
+    if st.get("region_given_back") != 1 or st.get("region") != got.get("region_bytes"):
+        problems.append(f"the region was not given back once between steps 3 and 4 and taken again: {st}")
     if got.get("unplanned") and "side_stream" in got["unplanned"]:  # memory.planner.side_streams' default
         problems.append(f"side-stream requests were left to the fallback: {got['unplanned']}")
     if not got.get("side_stream_planned"):
