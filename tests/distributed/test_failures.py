@@ -184,6 +184,10 @@ def test_two_node_launch_on_loopback(tmp_path):
     env = {**os.environ, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NPROC_PER_NODE": "1",
            "RDZV_ID": "test-two-nodes", "PYTHONUNBUFFERED": "1"}
     args = [f"train.output_dir={out}", "train.micro_batch_size=1", "train.steps=4", "checkpoint.export_hf=false"]
+    bare = subprocess.run(["bash", str(ROOT / "launchers" / "multinode.sh"), "debug", *args],  # no torchrun on PATH
+                          env={**env, "NODE_RANK": "0", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert bare.returncode == 127 and "torchrun is not on PATH: activate the Python environment" in bare.stderr
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the environment, activated
     nodes = [subprocess.Popen(["bash", str(ROOT / "launchers" / "multinode.sh"), "debug", *args],
                               env={**env, "NODE_RANK": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]
