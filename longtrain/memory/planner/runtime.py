@@ -19,7 +19,10 @@ How it works (docs/memory-planner.md, "The runtime"):
    start of the next one `plan_recorded_iteration` plans it on both levels (level 1: each layer pass's
    transients; level 2: the iteration, a block per layer pass plus the requests that cross windows, side
    streams' included), one region of level 2's peak is allocated, and every later iteration's window p
-   replays plan p.
+   replays plan p. The region is taken only where the plan fits the device's room beside the fallback
+   (else the plan of `reuse_after=free`, else none), and between two steps, when no planned tensor is
+   live, the core lends it back to the device for a request nothing else can serve; the next step takes
+   it again.
 
 What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
 live planned block overlaps it; a request whose size, stream or position differs from the plan turns
