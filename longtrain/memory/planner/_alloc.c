@@ -258,10 +258,12 @@ static void pool_trim(void) {
     if (c_pool_trim(pool, 0)) c_get_last_error();
 }
 
+/* host backend with a limit: the bytes a test's "device" has left beside the region and the fallback's */
+static int64_t host_room(void) { return host_limit - host_reserved - region_bytes; }
+
 static void *host_alloc(size_t size, stream_t stream) {
     (void)stream;
-    /* a test's "device" is full: the limit holds the region and the fallback's bytes together */
-    if (host_limit && region_bytes + host_reserved + (int64_t)size > host_limit) return NULL;
+    if (host_limit && (int64_t)size > host_room()) return NULL; /* a test's "device" is full */
     void *p = malloc(size);
     if (p) {
         host_reserved += (int64_t)size;
@@ -553,8 +555,7 @@ int lt_region_alloc(int64_t bytes) {
         r = -2;
     } else if (bytes > 0) {
         void *p = NULL;
-        if (backend == BACKEND_HOST) /* a test's limit holds the region too */
-            p = host_limit && host_reserved + bytes > host_limit ? NULL : malloc((size_t)bytes);
+        if (backend == BACKEND_HOST) p = host_limit && bytes > host_room() ? NULL : malloc((size_t)bytes);
         else if (c_malloc(&p, (size_t)bytes)) { c_get_last_error(); p = NULL; }
         if (!p) {
             r = -1;
@@ -579,7 +580,7 @@ int64_t lt_device_free(void) {
     int64_t r = -1;
     pthread_mutex_lock(&mu);
     if (backend == BACKEND_HOST) {
-        if (host_limit) r = host_limit - host_reserved - region_bytes;
+        if (host_limit) r = host_room();
     } else if (backend == BACKEND_CUDA) {
         size_t free_b = 0, total = 0;
         if (c_mem_get_info(&free_b, &total)) c_get_last_error();
@@ -712,8 +713,8 @@ static void *alloc_locked(size_t size, stream_t stream) {
             process_deferred(1);
             fb.trim();
             ptr = fb.alloc(size, stream);
+            if (!ptr && region_give_back()) ptr = fb.alloc(size, stream); /* then the idle region, between steps */
         }
-        if (!ptr && fb.alloc && region_give_back()) ptr = fb.alloc(size, stream);
         if (!ptr) { free(b); return NULL; }
         st[S_FALLBACK]++;
     }

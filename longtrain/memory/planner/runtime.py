@@ -588,7 +588,6 @@ class PlanRuntime:
                  "?" if free < 0 else f"{free / 2**30:.2f}")
         t0 = perf_counter()
         try:
-            plan = None
             # `reuse_after` where its plan fits the room; else `free`, the smallest region (on the time left)
             for rule in dict.fromkeys((self.reuse_after, "free")):
                 limit = max(self.time_limit_s - (perf_counter() - t0), 0.0)
