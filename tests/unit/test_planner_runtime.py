@@ -1231,9 +1231,9 @@ def test_what_the_fallback_gains_in_an_iteration_counts_beside_the_region():
 def test_a_request_between_steps_takes_the_idle_region_and_the_next_step_takes_it_back(core, caplog):
     """Between two steps (evaluation, a checkpoint: outside every window) no planned tensor is live, so when
     the device cannot serve such a request the region goes back to the device for it, and the next step
-    takes the region again and replays its plan. Inside a window the region stays (its planned requests
-    need it). If what ran between the steps still holds the memory, the plan turns off with a warning and
-    the fallback serves the run."""
+    takes the region again and replays its plan. In a window whose plan serves, or while a planned tensor is
+    live, the region stays. If what ran meanwhile still holds the memory, the plan turns off with a warning
+    and the fallback serves the run."""
     net = _Net(core)
     rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, iterations="step")
     attach_windows(net.layers, rt, model=net)
@@ -1260,11 +1260,15 @@ def test_a_request_between_steps_takes_the_idle_region_and_the_next_step_takes_i
     assert s["served"] == 2 * rt.plan.planned() and (s["miss_size"], s["miss_length"], s["refused_overlap"]) == (
         0, 0, 0), s
     assert "taken again" in caplog.text
-    rt.begin_iteration()  # a window is open: its plan needs the region, which stays
-    assert not core.malloc(region, S1) and core.stats()["region_given_back"] == 1 and core.region_base()
-    rt.end_iteration()
-    big = core.malloc(region, S1)  # between steps again: given back, and held into the next step
+    rt.begin_iteration()
+    emb = core.malloc(256, S1)  # the embedding, from the plan
+    assert core.stats()["served"] == 2 * rt.plan.planned() + 1
+    big = core.malloc(region, S1)  # a miss turns the window's plan off, but a planned tensor is live
+    assert not big and core.stats()["region_given_back"] == 1 and core.region_base()
+    core.free(emb, S1)
+    big = core.malloc(region, S1)  # nothing planned live, no plan serving: given back, held into the next step
     assert big and core.stats()["region_given_back"] == 2
+    rt.end_iteration()
     with caplog.at_level(logging.WARNING, logger="longtrain.memory.planner.runtime"):
         rt.begin_iteration()
     assert rt.state == "off" and "could not be taken again" in caplog.text
@@ -1273,4 +1277,68 @@ def test_a_request_between_steps_takes_the_idle_region_and_the_next_step_takes_i
     rt.end_iteration()
     core.free(big, S1)
     core.free(kept, S1)
-    assert core.stats()["allocated"] == 0 and core.stats()["served"] == 2 * rt.plan.planned()
+    assert core.stats()["allocated"] == 0 and core.stats()["served"] == 2 * rt.plan.planned() + 1
+
+
+def test_a_window_whose_plan_still_serves_keeps_the_region(core):
+    """A request the plan leaves to the fallback, on a full device, while the window's plan still serves and
+    no planned tensor is live: the region stays (the window's next planned request needs it)."""
+    base = _region(core, 4096)
+    core.set_plan(0, [1024, 2048], [-1, 0])  # k=0 to the fallback, k=1 planned
+    core.lib.lt_host_limit(4096 + 512)
+    core.window_begin(0, S1)
+    assert not core.malloc(1024, S1)
+    assert core.region_base() == base and core.stats()["region_given_back"] == 0
+    assert core.malloc(2048, S1) == base and core.stats()["served"] == 1
+
+
+@pytest.mark.parametrize("iterations", ["layer0", "step"])
+def test_a_miss_on_a_full_device_takes_the_idle_region_and_the_next_iteration_takes_it_back(core, caplog, iterations):
+    """A step whose requests differ from the plan (a longer sequence: every size doubles) is served by the
+    fallback. Where the device has no room for it beside the region, a request that finds none takes the
+    region, which then holds no planned tensor and serves no plan, rather than the step running out of memory
+    (seen on an H200: a 1.2 GiB embedding after a miss, a 27.7 GiB region idle). The next iteration takes the
+    region again (also where layer 0's forward starts iterations) and replays its plan."""
+    layers = nn.ModuleList(_Layer(core) for _ in range(2))
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, record_iteration=1)
+    attach_windows(layers, rt)
+    rt.iterations = iterations
+    malloc = core.malloc
+
+    def served_or_fail(size, stream=0):
+        ptr = malloc(size, stream)
+        assert ptr, f"a request of {size} bytes was not served"
+        return ptr
+
+    core.malloc = served_or_fail
+
+    def step():
+        if iterations == "step":
+            rt.begin_iteration()
+        _forward_backward(layers)
+        if iterations == "step":
+            rt.end_iteration()
+
+    for _ in range(3):
+        step()
+    assert rt.state == "replay" and rt.plan.unplanned == {}
+    region, served = rt.plan.region_bytes, core.stats()["served"]
+    assert served == rt.plan.planned() and core.stats()["reserved"] == region  # everything planned
+    # doubled sizes: the step's live peak is twice the plan's (the plan is at the lower bound); the device
+    # has room for it without the region, not beside it
+    core.lib.lt_host_limit(2 * region + region // 2)
+    for m in layers:
+        m.scale = 2
+    with caplog.at_level(logging.WARNING, logger="longtrain.memory.planner.runtime"):
+        step()
+    s = core.stats()
+    assert s["region_given_back"] == 1 and core.region_base() == 0 and s["miss_size"] > 0 and s["served"] == served
+    assert s["allocated"] == 0
+    for m in layers:
+        m.scale = 1
+    with caplog.at_level(logging.INFO, logger="longtrain.memory.planner.runtime"):
+        step()
+        step()
+    s = core.stats()
+    assert rt.state == "replay" and core.region_base() != 0 and s["region"] == region and "taken again" in caplog.text
+    assert s["served"] == served + 2 * rt.plan.planned() and s["region_given_back"] == 1

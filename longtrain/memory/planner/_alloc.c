@@ -646,12 +646,13 @@ void lt_window_end(void) {
     pthread_mutex_unlock(&mu);
 }
 
-/* A request outside every window (evaluation, a checkpoint, the export between the trainer's steps) that the
- * device cannot serve while the region holds no planned tensor: the region goes back to the device, and
- * runtime.py takes it again when the next iteration starts (lt_region_alloc). Inside a window it stays: the
- * window's planned requests need it. 1: given back. */
+/* A request the device cannot serve while the region holds no planned tensor and no plan serves: outside
+ * every window (evaluation, a checkpoint, the export between the trainer's steps), or in a window whose plan
+ * a miss turned off (a longer sequence, another layout). The region goes back to the device, and runtime.py
+ * takes it again when the next iteration starts (lt_region_alloc). In a window whose plan still serves it
+ * stays: the window's planned requests need it. 1: given back. */
 static int region_give_back(void) {
-    if (!region || win.active || nlive) return 0;
+    if (!region || nlive || (win.active && win.plan >= 0 && !win.off)) return 0;
     prune_ghosts(1); /* every stream done with the region's bytes (a device synchronisation) */
     if (backend == BACKEND_HOST) free(region);
     else if (c_free(region)) { c_get_last_error(); return 0; }
@@ -713,7 +714,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
             process_deferred(1);
             fb.trim();
             ptr = fb.alloc(size, stream);
-            if (!ptr && region_give_back()) ptr = fb.alloc(size, stream); /* then the idle region, between steps */
+            if (!ptr && region_give_back()) ptr = fb.alloc(size, stream); /* then the idle region */
         }
         if (!ptr) { free(b); return NULL; }
         st[S_FALLBACK]++;

@@ -20,9 +20,9 @@ How it works (docs/memory-planner.md, "The runtime"):
    transients; level 2: the iteration, a block per layer pass plus the requests that cross windows, side
    streams' included), one region of level 2's peak is allocated, and every later iteration's window p
    replays plan p. The region is taken only where the plan fits the device's room beside the fallback
-   (else the plan of `reuse_after=free`, else none), and between two steps, when no planned tensor is
-   live, the core lends it back to the device for a request nothing else can serve; the next step takes
-   it again.
+   (else the plan of `reuse_after=free`, else none). When no planned tensor is live and no plan serves
+   (between two steps, or in a window a miss turned off), the core lends it back to the device for a
+   request nothing else can serve; the next iteration takes it again.
 
 What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
 live planned block overlaps it; a request whose size, stream or position differs from the plan turns
@@ -498,26 +498,26 @@ class PlanRuntime:
         if self.state == "off":
             return
         self._next_iteration()
-        if self.state == "replay" and not self.core.lib.lt_region_base():
-            self._take_region_again()
         self._open(("gap", -1))
 
     def _take_region_again(self) -> None:
-        """The core gave the idle region back to the device for a request between two steps (evaluation, a
-        checkpoint: see `region_give_back` in _alloc.c); the iteration's plan needs it again. If what ran
-        between the steps still holds the memory, the fallback serves everything from now on."""
+        """The core gave the idle region back to the device for a request nothing else could serve (between
+        two steps: evaluation, a checkpoint; or in a window whose plan a miss turned off: see
+        `region_give_back` in _alloc.c); the iteration's plan needs it again. If what ran meanwhile still
+        holds the memory, the fallback serves everything from now on."""
         self.core.lib.lt_empty_cache()
         r = self.core.lib.lt_region_alloc(self.plan.region_bytes)
         if r:
             self._off()
-            log.warning("memory plan: the %.2f GiB region, given back to the device for what ran between two "
-                        "steps, could not be taken again (code %d; %.2f GiB allocated now): the fallback "
+            log.warning("memory plan: the %.2f GiB region, given back to the device for a request nothing else "
+                        "could serve, could not be taken again (code %d; %.2f GiB allocated now): the fallback "
                         "allocator serves everything from now on", self.plan.region_bytes / 2**30, r,
                         self.core.stats()["allocated"] / 2**30)
         elif "region" not in self.warned:
             self.warned.add("region")
-            log.info("memory plan: the region was given back to the device for what ran between two steps "
-                     "and taken again (said once; counted in the report's region_given_back)")
+            log.info("memory plan: the region was given back to the device for a request nothing else could "
+                     "serve (between two steps, or after a miss) and taken again (said once; counted in the "
+                     "report's region_given_back)")
 
     def end_iteration(self) -> None:
         """The iteration is over (the trainer's step returned): no window is open until the next one, so
@@ -564,6 +564,8 @@ class PlanRuntime:
             self.core.lib.lt_record_clear()
             self.core.lib.lt_set_record(1)
             self.state = "recording"
+        elif self.state == "replay" and not self.core.lib.lt_region_base():
+            self._take_region_again()
         self.warn_misses()
 
     def _make_plans(self) -> None:
