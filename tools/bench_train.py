@@ -497,7 +497,8 @@ def print_record(r: dict) -> None:
         f"  loss                {r['loss_first']:.4f} -> {r['loss_last']:.4f}",
         *[f"  memory plan{'' if len(plans) == 1 else ' rank ' + str(p['rank']):<8} {p['state']}: {p['summary']}; "
           f"requests served from the plan {p['served']:,}, by the fallback {p['fallback']:,}, misses "
-          f"{p['miss_size'] + p['miss_length'] + p['miss_stream']}, refused {p['refused_overlap']}" for p in plans],
+          f"{p['miss_size'] + p['miss_length'] + p['miss_stream']}, refused {p['refused_overlap']}, carved from the "
+          f"region's gaps {p['carved']}, region given back {p['region_given_back']}" for p in plans],
     ]), flush=True)
 
 

@@ -1282,14 +1282,44 @@ def test_a_request_between_steps_takes_the_idle_region_and_the_next_step_takes_i
 
 def test_a_window_whose_plan_still_serves_keeps_the_region(core):
     """A request the plan leaves to the fallback, on a full device, while the window's plan still serves and
-    no planned tensor is live: the region stays (the window's next planned request needs it)."""
+    no planned tensor is live: the region stays (the window's next planned request needs it), and the
+    request is carved from its top."""
     base = _region(core, 4096)
     core.set_plan(0, [1024, 2048], [-1, 0])  # k=0 to the fallback, k=1 planned
     core.lib.lt_host_limit(4096 + 512)
     core.window_begin(0, S1)
-    assert not core.malloc(1024, S1)
+    assert core.malloc(1024, S1) == base + 3072
     assert core.region_base() == base and core.stats()["region_given_back"] == 0
-    assert core.malloc(2048, S1) == base and core.stats()["served"] == 1
+    assert core.malloc(2048, S1) == base and (core.stats()["served"], core.stats()["carved"]) == (1, 1)
+
+
+def test_a_request_nothing_else_serves_is_carved_from_a_gap_of_the_region(core):
+    """A miss (or a refused request) at the memory limit while a planned tensor is live, so the region stays:
+    the request takes the highest gap of the region no held block covers, and that block then guards its
+    bytes as a planned one does (a planned request over it is refused, and carved elsewhere). None where no
+    gap is large enough. Check mode does not count a carved block's free as a lifetime break."""
+    core.lib.lt_set_check(1)
+    base = _region(core, 4096)
+    core.set_plan(0, [1024, 1024], [0, 2048])
+    core.lib.lt_host_limit(4096 + 256)  # the device: 256 bytes beside the region
+    core.window_begin(0, S1)
+    a = core.malloc(1024, S1)
+    c = core.malloc(1500, S1)  # a miss while a is live
+    s = core.stats()
+    assert a == base and c == base + 2560 and (s["carved"], s["miss_size"], s["served"], s["fallback"]) == (1, 1, 1, 0)
+    assert not core.malloc(2048, S1)  # [0, 1024) and [2560, 4060) held: no gap of 2048
+    core.free(a, S1)
+    core.window_begin(0, S1)  # the plan serves again
+    x = core.malloc(1024, S1)  # its slot at 0 is free
+    y = core.malloc(1024, S1)  # its slot at 2048 overlaps c: refused, the fallback has no room, carved below c
+    s = core.stats()
+    assert x == base and y == base + 1536 and (s["served"], s["refused_overlap"], s["carved"]) == (2, 1, 2)
+    core.free(x, S1)  # in its window, as planned
+    core.window_end()
+    for ptr in (c, y):  # carved: freed outside any window, no lifetime break
+        core.free(ptr, S1)
+    s = core.stats()
+    assert s["allocated"] == 0 and s["planned_live"] == 0 and s["check_lifetime"] == 0 and s["region_given_back"] == 0
 
 
 @pytest.mark.parametrize("iterations", ["layer0", "step"])

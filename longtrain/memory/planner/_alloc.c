@@ -86,6 +86,7 @@ typedef struct {
     int why; /* a fallback block: why the fallback served it (FB_*) */
     int freed; /* a planned block the program freed while other streams still read it (deferred) */
     int ghost; /* a planned block that leaves a ghost when freed (the plan's PLAN_GHOST) */
+    int carved; /* a region block no plan placed: the last resort for a request nothing else served */
     stream_t stream;
     int nrec;
     stream_t rec[MAX_STREAMS];
@@ -195,7 +196,8 @@ enum {
     S_MISS_STREAM, S_REFUSED_OVERLAP, S_FALLBACK, S_DEFERRED, S_CHECK_LIFETIME, S_CHECK_LEAKED,
     S_REGION, S_PLANNED_LIVE, S_OOM_RETRIES, S_WINDOWS, S_UNKNOWN_FREE, S_AFTER_MISS, S_REUSE_WAITS,
     S_CROSS_WAITS, S_GHOSTS, /* waits queued for a ghost's stream; ghosts pending now */
-    S_REGION_GIVEN_BACK, /* times the idle region went back to the device for a request outside every window */
+    S_REGION_GIVEN_BACK, /* times the idle region went back to the device for a request nothing else served */
+    S_CARVED, /* requests served from a gap of the region no plan placed them in (region_carve) */
     S_FB_BYTES, /* FB_N: the fallback's bytes held now (until really released), by why it served them */
     S_FB_PEAK = S_FB_BYTES + 4, /* FB_N: their peaks since the last reset */
     S_N = S_FB_PEAK + 4
@@ -663,10 +665,34 @@ static int region_give_back(void) {
     return 1;
 }
 
+/* The last resort for a request neither the plan nor the device can serve while the region stays (a planned
+ * tensor live, or the window's plan still serving: a miss at the memory limit, a refused request): the
+ * highest gap of the region no block the program holds covers (512-byte aligned; a plan fills its region
+ * from the bottom and reaches the top only at its peak). Blocks there that the program freed while other
+ * streams still read them, and ghosts, are waited for as for a planned request (claim_slot). The block
+ * then guards its bytes as a planned one does: a planned request over it is refused until it is freed.
+ * -1: no such gap. */
+static int64_t region_carve(int64_t size, stream_t stream) {
+    int64_t off = region_bytes - size;
+    for (;;) {
+        if (off < 0) return -1;
+        off = off / 512 * 512;
+        int64_t low = -1; /* the lowest start of a held block in [off, off + size) */
+        for (int64_t i = 0; i < nlive; i++) {
+            block_t *l = live[i];
+            if (!l->freed && l->offset < off + size && off < l->offset + l->size && (low < 0 || l->offset < low))
+                low = l->offset;
+        }
+        if (low < 0) break;
+        off = low - size;
+    }
+    return claim_slot(off, size, stream) == -1 ? off : -1;
+}
+
 static void *alloc_locked(size_t size, stream_t stream) {
     process_deferred(0);
     int64_t k = -1, window = -1, offset = -1, expect = -1;
-    int why = FB_NO_PLAN, ghost = 0;
+    int why = FB_NO_PLAN, ghost = 0, carved = 0;
     if (win.active) {
         k = win.k++;
         window = win.seq;
@@ -703,10 +729,8 @@ static void *alloc_locked(size_t size, stream_t stream) {
     }
     block_t *b = calloc(1, sizeof(block_t));
     if (!b) return NULL;
-    void *ptr;
-    if (offset >= 0) {
-        ptr = region + offset;
-    } else {
+    void *ptr = NULL;
+    if (offset < 0) {
         ptr = fb.alloc ? fb.alloc(size, stream) : NULL; /* no backend yet: nothing to serve from */
         if (!ptr && fb.alloc) {
             /* everything deferred, then the fallback's cached memory back to the device, then once more */
@@ -715,10 +739,12 @@ static void *alloc_locked(size_t size, stream_t stream) {
             fb.trim();
             ptr = fb.alloc(size, stream);
             if (!ptr && region_give_back()) ptr = fb.alloc(size, stream); /* then the idle region */
+            if (!ptr && region && (offset = region_carve((int64_t)size, stream)) >= 0) carved = 1; /* or a gap */
         }
-        if (!ptr) { free(b); return NULL; }
-        st[S_FALLBACK]++;
+        if (!ptr && !carved) { free(b); return NULL; }
+        if (!carved) st[S_FALLBACK]++;
     }
+    if (offset >= 0) ptr = region + offset;
     b->ptr = ptr; b->size = (int64_t)size; b->id = next_id++; b->offset = offset;
     b->stream = stream;
     b->expect_free = expect;
@@ -726,6 +752,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
     b->k = k;
     b->why = why;
     b->ghost = ghost;
+    b->carved = carved;
     if (offset >= 0 && live_add(b)) { free(b); return NULL; }
     if (table_put(b)) { /* cannot track it: give it back rather than lose it */
         if (offset >= 0) live_remove(b);
@@ -733,7 +760,8 @@ static void *alloc_locked(size_t size, stream_t stream) {
         free(b);
         return NULL;
     }
-    if (offset >= 0) st[S_SERVED]++;
+    if (carved) st[S_CARVED]++;
+    else if (offset >= 0) st[S_SERVED]++;
     note_allocated((int64_t)size);
     if (offset < 0) note_fallback(why, (int64_t)size);
     log_event(0, window, k, (int64_t)size, win.active && stream == win.stream, b->id, stream);
@@ -761,7 +789,7 @@ void lt_free(void *ptr, size_t size, int device, stream_t stream) {
     int other_streams = b->nrec || b->rec_overflow;
     log_event(1, win.active ? win.seq : -1, -1, b->size, other_streams, b->id, b->stream);
     if (b->offset >= 0 && b->ghost) ghost_add(b);
-    if (check_mode && b->offset >= 0 && (!win.active || win.asked != b->expect_free)) {
+    if (check_mode && b->offset >= 0 && !b->carved && (!win.active || win.asked != b->expect_free)) {
         st[S_CHECK_LIFETIME]++;
         if (nlifetimes < REFUSAL_LOG) {
             int64_t *r = lifetimes[nlifetimes++];

@@ -70,7 +70,7 @@ ALIGNMENT = 512
 STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "served", "miss_size", "miss_length",
               "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
               "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss", "reuse_waits",
-              "cross_stream_waits", "ghosts", "region_given_back",
+              "cross_stream_waits", "ghosts", "region_given_back", "carved",
               # the bytes the fallback holds by why it served them, then their peaks
               *(f"fallback_{why}{peak}" for peak in ("", "_peak")
                 for why in ("no_plan", "unplanned", "refused", "after_miss")))
@@ -202,14 +202,15 @@ class Core:
 
     def holdings(self) -> str:
         """Where the memory is now, in one line (printed when a run runs out of memory): the region and its
-        live planned bytes, the bytes the fallback holds by why it served them, deferred frees, and the
+        live bytes (planned or carved), the bytes the fallback holds by why it served them, deferred frees, and the
         reserved total with its peak."""
         s = self.stats()
         gib = lambda k: f"{s[k] / 2**30:.2f}"  # noqa: E731
         why = ", ".join(f"{name} {gib('fallback_' + k)} (peak {gib('fallback_' + k + '_peak')})"
                         for k, name in (("no_plan", "outside the plan"), ("unplanned", "left out of it"),
                                         ("refused", "refused by it"), ("after_miss", "after a miss")))
-        return (f"region {gib('region')} GiB with {gib('planned_live')} GiB of planned tensors live; the fallback "
+        return (f"region {gib('region')} GiB with {gib('planned_live')} GiB of tensors live in it ({s['carved']} "
+                f"requests carved from its gaps so far); the fallback "
                 f"holds GiB: {why}; {s['deferred']} frees wait for other streams; reserved {gib('reserved')} GiB "
                 f"(peak {gib('reserved_peak')} GiB), allocated {gib('allocated')} GiB")
 
