@@ -1308,6 +1308,10 @@ def test_a_request_nothing_else_serves_is_carved_from_a_gap_of_the_region(core):
     s = core.stats()
     assert a == base and c == base + 2560 and (s["carved"], s["miss_size"], s["served"], s["fallback"]) == (1, 1, 1, 0)
     assert not core.malloc(2048, S1)  # [0, 1024) and [2560, 4060) held: no gap of 2048
+    s = core.stats()
+    assert (s["failed"], s["failed_live"], s["failed_plan"], s["failed_plan_off"]) == (1, 1024 + 1500, 0, 1)
+    assert "at the request that failed: 0.00 GiB live in the region, in window 0, whose plan a miss had turned off" \
+        in core.holdings()
     core.free(a, S1)
     core.window_begin(0, S1)  # the plan serves again
     x = core.malloc(1024, S1)  # its slot at 0 is free

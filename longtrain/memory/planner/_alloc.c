@@ -198,6 +198,9 @@ enum {
     S_CROSS_WAITS, S_GHOSTS, /* waits queued for a ghost's stream; ghosts pending now */
     S_REGION_GIVEN_BACK, /* times the idle region went back to the device for a request nothing else served */
     S_CARVED, /* requests served from a gap of the region no plan placed them in (region_carve) */
+    /* requests nothing served (out of memory), and at the last one: the bytes live in the region, its
+     * window's plan (-1: none, -2: outside every window) and whether a miss had turned that plan off */
+    S_FAILED, S_FAILED_LIVE, S_FAILED_PLAN, S_FAILED_PLAN_OFF,
     S_FB_BYTES, /* FB_N: the fallback's bytes held now (until really released), by why it served them */
     S_FB_PEAK = S_FB_BYTES + 4, /* FB_N: their peaks since the last reset */
     S_N = S_FB_PEAK + 4
@@ -741,7 +744,14 @@ static void *alloc_locked(size_t size, stream_t stream) {
             if (!ptr && region_give_back()) ptr = fb.alloc(size, stream); /* then the idle region */
             if (!ptr && region && (offset = region_carve((int64_t)size, stream)) >= 0) carved = 1; /* or a gap */
         }
-        if (!ptr && !carved) { free(b); return NULL; }
+        if (!ptr && !carved) {
+            st[S_FAILED]++;
+            st[S_FAILED_LIVE] = live_bytes;
+            st[S_FAILED_PLAN] = win.active ? win.plan : -2;
+            st[S_FAILED_PLAN_OFF] = win.active && win.off;
+            free(b);
+            return NULL;
+        }
         if (!carved) st[S_FALLBACK]++;
     }
     if (offset >= 0) ptr = region + offset;

@@ -71,6 +71,7 @@ STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "serve
               "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
               "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss", "reuse_waits",
               "cross_stream_waits", "ghosts", "region_given_back", "carved",
+              "failed", "failed_live", "failed_plan", "failed_plan_off",  # requests nothing served; the last one's state
               # the bytes the fallback holds by why it served them, then their peaks
               *(f"fallback_{why}{peak}" for peak in ("", "_peak")
                 for why in ("no_plan", "unplanned", "refused", "after_miss")))
@@ -202,17 +203,23 @@ class Core:
 
     def holdings(self) -> str:
         """Where the memory is now, in one line (printed when a run runs out of memory): the region and its
-        live bytes (planned or carved), the bytes the fallback holds by why it served them, deferred frees, and the
-        reserved total with its peak."""
+        live bytes (planned or carved), the bytes the fallback holds by why it served them, deferred frees, the
+        reserved total with its peak, and the region and window at the last request nothing served."""
         s = self.stats()
         gib = lambda k: f"{s[k] / 2**30:.2f}"  # noqa: E731
         why = ", ".join(f"{name} {gib('fallback_' + k)} (peak {gib('fallback_' + k + '_peak')})"
                         for k, name in (("no_plan", "outside the plan"), ("unplanned", "left out of it"),
                                         ("refused", "refused by it"), ("after_miss", "after a miss")))
+        failed = ""
+        if s["failed"]:  # taken at the request, before the error unwound anything
+            plan = {-2: "outside every window", -1: "in a window with no plan"}.get(
+                s["failed_plan"], f"in window {s['failed_plan']}, whose plan "
+                + ("a miss had turned off" if s["failed_plan_off"] else "still served"))
+            failed = f"; at the request that failed: {gib('failed_live')} GiB live in the region, {plan}"
         return (f"region {gib('region')} GiB with {gib('planned_live')} GiB of tensors live in it ({s['carved']} "
                 f"requests carved from its gaps so far); the fallback "
                 f"holds GiB: {why}; {s['deferred']} frees wait for other streams; reserved {gib('reserved')} GiB "
-                f"(peak {gib('reserved_peak')} GiB), allocated {gib('allocated')} GiB")
+                f"(peak {gib('reserved_peak')} GiB), allocated {gib('allocated')} GiB{failed}")
 
 
 def host_core() -> Core:
