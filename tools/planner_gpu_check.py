@@ -11,9 +11,12 @@ Each step is an iteration, as in the trainer (the zero_grad and the optimizer st
 up and record; steps 2-4 replay; step 5 runs at another sequence length (the plan misses and falls back);
 step 6 is back at the first length (the plan serves again). Between steps 3 and 4 the device is filled but
 for half the region and a tensor of three quarters of it is made: only the idle region can serve it, so it
-goes back to the device, and step 4 must take it again and replay its plan. The planned run
+goes back to the device, and step 4 must take it again and replay its plan. In step 7, inside layer 3's
+forward (planned tensors live), the device is filled and a tensor of a sixteenth of the region is asked
+for: a miss nothing but a gap of the region can serve, so it is carved from there (`carved`), and the
+step must still give the normal run's numbers. The planned run
 must give the losses and gradients of the normal run (1e-6 relative), serve requests from the plan,
-refuse none, count misses only in step 5, and plan the side stream's requests (the gathers and, where
+refuse none, count misses only in steps 5 and 7, and plan the side stream's requests (the gathers and, where
 it makes them there, the swap's prefetch buffers: `memory.planner.side_streams`).
 `--fallback` picks what serves the requests the plan does not (`memory.planner.fallback`): CUDA's
 cudaMallocAsync pool or torch's caching allocator. `--reuse-after` plans a tensor another stream still
@@ -31,7 +34,8 @@ import sys
 
 from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_REUSE_AFTER
 
-SEQ, OTHER_SEQ, STEPS = 2048, 1536, 7
+SEQ, OTHER_SEQ, STEPS = 2048, 1536, 8
+CARVE_STEP = 7  # a miss on a full device while planned tensors are live: carved from the region
 
 
 def gather_on_side_stream(linear, stream) -> None:
@@ -94,6 +98,25 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
                          reuse_after=reuse_after)
         attach_windows(model.model.layers, rt, model=model)
         rt.iterations = "step"  # as the trainer: begin_iteration and end_iteration around each step
+    carve_now = []
+
+    def full_device_then_ask(_mod, _args):  # in layer 3's forward window, in step CARVE_STEP only
+        if carve_now != [True]:  # once, in step CARVE_STEP
+            return
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        st = core.stats()  # the fallback's cached holes (in segments still partly used) must not fit the ask
+        holes = st["reserved"] - st["region"] - (st["allocated"] - st["planned_live"])
+        ask = max(rt.plan.region_bytes // 16, holes + (2 << 20))
+        carve_now.append({"ask": ask, "fallback_holes": holes, "planned_live": st["planned_live"]})
+        mib2 = 2 << 20
+        ballast = torch.empty((torch.cuda.mem_get_info(dev)[0] - ask // 2 - 4 * mib2) // mib2 * mib2,
+                              dtype=torch.uint8, device=dev)
+        extra = torch.zeros(ask, dtype=torch.uint8, device=dev)  # only a gap of the region can serve it
+        del extra, ballast
+
+    if planned:
+        model.model.layers[3].mlp.register_forward_pre_hook(full_device_then_ask)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator(device=dev).manual_seed(0)
     rec = {"steps": []}
@@ -103,6 +126,7 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         before = dict(core.stats()) if rt else {}
         if rt:
             rt.begin_iteration()
+        carve_now[:] = [True] if step == CARVE_STEP and rt and rt.plan else []  # then what the hook asked
         opt.zero_grad(set_to_none=True)
         loss, _ = model(ids, None, ids)
         loss.backward()
@@ -126,8 +150,10 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
                                                                      "miss_length", "miss_stream", "after_miss",
                                                                      "refused_overlap", "check_lifetime",
                                                                      "check_leaked", "reuse_waits",
-                                                                     "cross_stream_waits", "ghosts")}
+                                                                     "cross_stream_waits", "ghosts", "carved")}
             entry["state"] = rt.state
+            if step == CARVE_STEP:
+                entry["carve_ask"] = carve_now[1:]
         rec["steps"].append(entry)
         torch.save(grads, f"{out}.step{step}.pt")
     if rt:
@@ -159,8 +185,10 @@ def compare(ref_path: str, got_path: str) -> dict:
         if step >= 2 and step != 5:
             if p["served"] == 0:
                 problems.append(f"step {step}: nothing served from the plan")
-            if p["miss_size"] + p["miss_length"] + p["miss_stream"]:
+            if p["miss_size"] + p["miss_length"] + p["miss_stream"] and step != CARVE_STEP:
                 problems.append(f"step {step}: misses {p}")
+        if step == CARVE_STEP and not p["carved"]:
+            problems.append(f"step {step} (a miss on a full device): nothing carved from the region: {p}")
         if step == 5 and p["miss_size"] == 0:
             problems.append("step 5 (another length): no size miss counted")
         if p["refused_overlap"] or p["check_lifetime"] or p["check_leaked"]:
