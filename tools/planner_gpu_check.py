@@ -98,17 +98,18 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
                          reuse_after=reuse_after)
         attach_windows(model.model.layers, rt, model=model)
         rt.iterations = "step"  # as the trainer: begin_iteration and end_iteration around each step
-    carve_now = []
+    carve = {"armed": False, "asked": []}  # armed for step CARVE_STEP; what the hook asked for there
 
-    def full_device_then_ask(_mod, _args):  # in layer 3's forward window, in step CARVE_STEP only
-        if carve_now != [True]:  # once, in step CARVE_STEP
+    def full_device_then_ask(_mod, _args):  # in layer 3's forward window, once in step CARVE_STEP
+        if not carve["armed"]:
             return
+        carve["armed"] = False
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         st = core.stats()  # the fallback's cached holes (in segments still partly used) must not fit the ask
         holes = st["reserved"] - st["region"] - (st["allocated"] - st["planned_live"])
         ask = max(rt.plan.region_bytes // 16, holes + (2 << 20))
-        carve_now.append({"ask": ask, "fallback_holes": holes, "planned_live": st["planned_live"]})
+        carve["asked"].append({"ask": ask, "fallback_holes": holes, "planned_live": st["planned_live"]})
         mib2 = 2 << 20
         ballast = torch.empty((torch.cuda.mem_get_info(dev)[0] - ask // 2 - 4 * mib2) // mib2 * mib2,
                               dtype=torch.uint8, device=dev)
@@ -126,7 +127,7 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         before = dict(core.stats()) if rt else {}
         if rt:
             rt.begin_iteration()
-        carve_now[:] = [True] if step == CARVE_STEP and rt and rt.plan else []  # then what the hook asked
+        carve["armed"] = bool(step == CARVE_STEP and rt and rt.plan)
         opt.zero_grad(set_to_none=True)
         loss, _ = model(ids, None, ids)
         loss.backward()
@@ -153,7 +154,7 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
                                                                      "cross_stream_waits", "ghosts", "carved")}
             entry["state"] = rt.state
             if step == CARVE_STEP:
-                entry["carve_ask"] = carve_now[1:]
+                entry["carve_ask"] = carve["asked"]
         rec["steps"].append(entry)
         torch.save(grads, f"{out}.step{step}.pt")
     if rt:
