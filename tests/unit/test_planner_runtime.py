@@ -1326,6 +1326,25 @@ def test_a_request_nothing_else_serves_is_carved_from_a_gap_of_the_region(core):
     assert s["allocated"] == 0 and s["planned_live"] == 0 and s["check_lifetime"] == 0 and s["region_given_back"] == 0
 
 
+def test_a_carved_request_over_another_streams_freed_bytes_waits_for_that_stream(core):
+    """Carving keeps stream order as a planned request does: bytes another stream freed (a ghost: its
+    kernels may still run on them) are taken only after the carving request's stream waits for that stream."""
+    base = _region(core, 2048)
+    core.set_plan(0, [512, 1024], [0, 1024], streams=[-1, S2], ghosts=[False, True])
+    core.lib.lt_host_limit(2048 + 256)
+    core.window_begin(0, S1)
+    held = core.malloc(512, S1)  # planned, live: the region stays
+    a = core.malloc(1024, S2)  # planned on S2 at the top
+    core.free(a, S2)  # a ghost: S2 may still use [1024, 2048)
+    assert a == base + 1024 and core.stats()["ghosts"] == 1 and _waits(core)[0] == 0
+    x = core.malloc(1024, S1)  # a miss, no room on the device: carved at the top, after S1 waits for S2
+    s = core.stats()
+    assert x == base + 1024 and (s["carved"], s["miss_length"], s["cross_stream_waits"]) == (1, 1, 1)
+    assert _waits(core) == (1, (S1, 1))
+    core.free(x, S1)
+    core.free(held, S1)
+
+
 @pytest.mark.parametrize("iterations", ["layer0", "step"])
 def test_a_miss_on_a_full_device_takes_the_idle_region_and_the_next_iteration_takes_it_back(core, caplog, iterations):
     """A step whose requests differ from the plan (a longer sequence: every size doubles) is served by the

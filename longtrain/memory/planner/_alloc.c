@@ -445,7 +445,7 @@ static int stream_wait(stream_t stream, void *ev) {
 static void process_deferred(int wait_all) {
     int64_t j = 0;
     if (wait_all && ndeferred && backend == BACKEND_CUDA) c_device_sync();
-    if (wait_all && backend == BACKEND_HOST) host_done = host_tickets;
+    if (wait_all && ndeferred && backend == BACKEND_HOST) host_done = host_tickets; /* as the device sync above */
     for (int64_t i = 0; i < ndeferred; i++) {
         deferred_t *d = &deferred[i];
         int done = 1;
