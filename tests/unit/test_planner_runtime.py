@@ -1349,9 +1349,9 @@ def test_a_carved_request_over_another_streams_freed_bytes_waits_for_that_stream
 def test_a_miss_on_a_full_device_takes_the_idle_region_and_the_next_iteration_takes_it_back(core, caplog, iterations):
     """A step whose requests differ from the plan (a longer sequence: every size doubles) is served by the
     fallback. Where the device has no room for it beside the region, a request that finds none takes the
-    region, which then holds no planned tensor and serves no plan, rather than the step running out of memory
-    (seen on an H200: a 1.2 GiB embedding after a miss, a 27.7 GiB region idle). The next iteration takes the
-    region again (also where layer 0's forward starts iterations) and replays its plan."""
+    region, which then holds no planned tensor and serves no plan, rather than the step running out of
+    memory. The next iteration takes the region again (also where layer 0's forward starts iterations) and
+    replays its plan."""
     layers = nn.ModuleList(_Layer(core) for _ in range(2))
     rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, record_iteration=1)
     attach_windows(layers, rt)
