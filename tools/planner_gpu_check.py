@@ -12,8 +12,8 @@ up and record; steps 2-4 replay; step 5 runs at another sequence length (the pla
 step 6 is back at the first length (the plan serves again). Between steps 3 and 4 the device is filled but
 for half the region and a tensor of three quarters of it is made: only the idle region can serve it, so it
 goes back to the device, and step 4 must take it again and replay its plan. In step 7, inside layer 3's
-forward (planned tensors live), the device is filled and a tensor of a sixteenth of the region is asked
-for: a miss nothing but a gap of the region can serve, so it is carved from there (`carved`), and the
+forward (planned tensors live), the device is filled and a tensor is asked for (a sixteenth of the region,
+or more than the fallback's cached holes where those are larger): a miss nothing but a gap of the region can serve, so it is carved from there (`carved`), and the
 step must still give the normal run's numbers. The planned run
 must give the losses and gradients of the normal run (1e-6 relative), serve requests from the plan,
 refuse none, count misses only in steps 5 and 7, and plan the side stream's requests (the gathers and, where
@@ -108,9 +108,9 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         torch.cuda.empty_cache()
         st = core.stats()  # the fallback's cached holes (in segments still partly used) must not fit the ask
         holes = st["reserved"] - st["region"] - (st["allocated"] - st["planned_live"])
-        ask = max(rt.plan.region_bytes // 16, holes + (2 << 20))
-        carve["asked"].append({"ask": ask, "fallback_holes": holes, "planned_live": st["planned_live"]})
         mib2 = 2 << 20
+        ask = max(rt.plan.region_bytes // 16, holes + mib2)
+        carve["asked"].append({"ask": ask, "fallback_holes": holes, "planned_live": st["planned_live"]})
         ballast = torch.empty((torch.cuda.mem_get_info(dev)[0] - ask // 2 - 4 * mib2) // mib2 * mib2,
                               dtype=torch.uint8, device=dev)
         extra = torch.zeros(ask, dtype=torch.uint8, device=dev)  # only a gap of the region can serve it

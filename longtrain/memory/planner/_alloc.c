@@ -670,16 +670,17 @@ static int region_give_back(void) {
 
 /* The last resort for a request neither the plan nor the device can serve while the region stays (a planned
  * tensor live, or the window's plan still serving: a miss at the memory limit, a refused request): the
- * highest gap of the region no block the program holds covers (512-byte aligned; a plan fills its region
+ * highest gap of the region no block the program holds covers (aligned as the plans; a plan fills its region
  * from the bottom and reaches the top only at its peak). Blocks there that the program freed while other
  * streams still read them, and ghosts, are waited for as for a planned request (claim_slot). The block
  * then guards its bytes as a planned one does: a planned request over it is refused until it is freed.
  * -1: no such gap. */
+#define CARVE_ALIGN 512 /* runtime.py's ALIGNMENT, as the plans' offsets */
 static int64_t region_carve(int64_t size, stream_t stream) {
     int64_t off = region_bytes - size;
     for (;;) {
         if (off < 0) return -1;
-        off = off / 512 * 512;
+        off = off / CARVE_ALIGN * CARVE_ALIGN;
         int64_t low = -1; /* the lowest start of a held block in [off, off + size) */
         for (int64_t i = 0; i < nlive; i++) {
             block_t *l = live[i];
