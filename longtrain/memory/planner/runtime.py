@@ -71,7 +71,7 @@ STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "serve
               "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
               "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss", "reuse_waits",
               "cross_stream_waits", "ghosts", "region_given_back", "carved",
-              "failed", "failed_live", "failed_plan", "failed_plan_off",  # requests nothing served; the last one's state
+              "failed", "failed_live", "failed_plan", "failed_plan_off",  # requests nothing served; the last's state
               # the bytes the fallback holds by why it served them, then their peaks
               *(f"fallback_{why}{peak}" for peak in ("", "_peak")
                 for why in ("no_plan", "unplanned", "refused", "after_miss")))
