@@ -498,7 +498,8 @@ def print_record(r: dict) -> None:
         *[f"  memory plan{'' if len(plans) == 1 else ' rank ' + str(p['rank']):<8} {p['state']}: {p['summary']}; "
           f"requests served from the plan {p['served']:,}, by the fallback {p['fallback']:,}, misses "
           f"{p['miss_size'] + p['miss_length'] + p['miss_stream']}, refused {p['refused_overlap']}, carved from the "
-          f"region's gaps {p['carved']}, region given back {p['region_given_back']}" for p in plans],
+          f"region's gaps {p['carved']}, region given back {p['region_given_back']}, in managed memory before the "
+          f"plan {p['overflowed']} (peak {_gib(p['overflow_peak'] / 2**30)})" for p in plans],
     ]), flush=True)
 
 

@@ -83,7 +83,7 @@ case "${1:-}" in
     B=$2; shift 2
     for vs in "$@"; do
       v=${vs%%:*}; S=${vs##*:}
-      timeout 230 python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 3 \
+      timeout ${FITS_TIMEOUT:-230} python3 tools/bench_train.py $R $ONE $(variant $v) --layers 4 --steps 1 --warmup 3 \
         --no-profile-step --gpu-budget-gib "$B" --find-max-seq --seq-start "$S" --seq-step "$S" --seq-max "$S" \
         --json "$OUT/planner_fits_${B}gib_${v}_$S.json" 2>&1 | filter | tee "$OUT/fits_${B}gib_${v}_$S.log" | tail -3
     done ;;

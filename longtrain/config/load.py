@@ -214,6 +214,7 @@ def validate(cfg: Config) -> None:
         except ValueError as e:
             raise ConfigError(f"memory.planner.{e}") from None
     _positive("memory.planner.record_iteration", cfg.memory.planner.record_iteration, allow_zero=True)
+    _positive("memory.planner.warmup_overflow_gib", cfg.memory.planner.warmup_overflow_gib, allow_zero=True)
     _validate_finetune(cfg)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
     _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)

@@ -34,6 +34,7 @@ def apply_memory_plan(model: nn.Module, cfg, device: torch.device, rank: int = 0
     model.plan_runtime = PlanRuntime(core, device, record_iteration=pc.record_iteration,
                                      time_limit_s=pc.time_limit_s, mip_solver=pc.mip_solver, check=pc.check,
                                      side_streams=pc.side_streams, reuse_after=pc.reuse_after,
+                                     overflow_bytes=int(pc.warmup_overflow_gib * 2**30),
                                      save_dir=cfg.train.output_dir, rank=rank)
     swap = getattr(model, "swap_streams", None)
     if swap is not None and swap.cuda:  # named in the report's stream waits

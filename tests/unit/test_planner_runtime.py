@@ -1395,3 +1395,135 @@ def test_a_miss_on_a_full_device_takes_the_idle_region_and_the_next_iteration_ta
     s = core.stats()
     assert rt.state == "replay" and core.region_base() != 0 and s["region"] == region and "taken again" in caplog.text
     assert s["served"] == served + 2 * rt.plan.planned() and s["region_given_back"] == 1
+
+
+def test_before_the_plan_a_request_the_device_cannot_hold_overflows_into_managed_memory(core):
+    """While the runtime allows it (before the plan is made), a request the device cannot hold even after the
+    fallback gave back its cache goes to managed memory, up to a cap of bytes held there at once. It is
+    recorded as any request (the plan places it), counted apart from the fallback and from the device's
+    reserved bytes, and waits for other streams before it is freed, as any block."""
+    core.lib.lt_host_limit(4096)
+    core.lib.lt_set_record(1)
+    core.window_begin(-1, S1)
+    a = core.malloc(3072, S1)  # the device
+    assert not core.malloc(3072, S1)  # no overflow allowed: out of memory
+    core.lib.lt_set_overflow(4096)
+    b = core.malloc(3072, S1)  # the device is full: managed memory
+    s = core.stats()
+    assert b and (s["overflowed"], s["overflow_bytes"], s["fallback"], s["failed"]) == (1, 3072, 1, 1)
+    assert s["allocated"] == 6144 and s["reserved"] == 3072 and s["fallback_no_plan"] == 3072
+    assert "managed memory before the plan: 1 requests, 0.00 GiB now" in core.holdings()
+    assert not core.malloc(2048, S1)  # past the cap: 3072 + 2048 bytes at once
+    core.record_stream(b, S2)
+    core.free(b, S1)
+    assert core.stats()["overflow_bytes"] == 3072  # S2 still reads it
+    core.lib.lt_host_complete_events()
+    core.lib.lt_flush(0)
+    c = core.malloc(4096, S1)  # up to the cap again
+    core.free(c, S1)
+    s = core.stats()
+    assert (s["overflowed"], s["overflow_bytes"], s["overflow_peak"], s["allocated"]) == (2, 0, 4096, 3072)
+    assert [e[3] for e in core.events() if e[0] == 0] == [3072, 3072, 4096]  # recorded as the device's
+    core.lib.lt_set_overflow(0)  # the plan is made: none from now on
+    assert not core.malloc(2048, S1) and core.stats()["overflowed"] == 2
+    core.free(a, S1)
+    assert core.stats()["allocated"] == 0
+
+
+def _must_serve(core):
+    """core.malloc that fails the test where the core serves nothing (a model step would run out of memory)."""
+    malloc = core.malloc
+
+    def served_or_fail(size, stream=0):
+        ptr = malloc(size, stream)
+        if not ptr:
+            raise MemoryError(f"a request of {size} bytes was not served")
+        return ptr
+
+    core.malloc = served_or_fail
+
+
+@pytest.mark.parametrize("overflow", [True, False])
+def test_a_warmup_only_the_plan_fits_is_recorded_in_managed_memory_and_replays_on_the_device(core, caplog, overflow):
+    """A fallback that rounds its blocks (as a caching allocator does) needs more than the device for the
+    warm-up, while the plan, which packs the exact sizes, fits. With overflow the iterations before the plan
+    put what the device cannot hold into managed memory, the recorded one is planned whole, and every later
+    iteration replays it from the region on the device, with nothing in managed memory. Without it the
+    warm-up runs out of memory, as without the plan."""
+    def run(core, limit, overflow_bytes, steps):
+        net = _Net(core)
+        rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, iterations="step",
+                         overflow_bytes=overflow_bytes)
+        attach_windows(net.layers, rt, model=net)
+        core.lib.lt_host_granule(4096)
+        core.lib.lt_host_limit(limit)
+        _must_serve(core)
+        for _ in range(steps):
+            rt.begin_iteration()
+            net(torch.ones(4, requires_grad=True)).sum().backward()
+            rt.end_iteration()
+        return rt
+
+    free = host_core()  # the same steps on a device without a limit: the plan's region, the warm-up's peak
+    region = run(free, 0, 0, 4).plan.region_bytes
+    warmup_peak = free.stats()["reserved_peak"]
+    assert warmup_peak > region  # the rounding: only the plan fits a device of the region's size
+    if not overflow:
+        with pytest.raises(MemoryError):
+            run(core, region, 0, 1)
+        return
+    with caplog.at_level(logging.WARNING, logger="longtrain.memory.planner.runtime"):
+        rt = run(core, region, 1 << 20, 6)
+    s = core.stats()
+    assert rt.state == "replay" and rt.plan.region_bytes == region and rt.plan.unplanned == {}
+    assert rt.at_plan["overflowed"] == s["overflowed"] > 0 and rt.at_plan["overflow_live"] == 0
+    assert "went to CUDA managed memory" in caplog.text
+    assert s["served"] == 3 * rt.plan.planned() and s["overflow_bytes"] == s["allocated"] == 0
+    assert (s["miss_size"], s["miss_length"], s["refused_overlap"], s["failed"]) == (0, 0, 0, 0)
+    before = s["overflowed"]
+    core.lib.lt_host_limit(region + 1024)  # after the plan nothing overflows: beyond the device, out of memory
+    assert not core.lib.lt_malloc(2 * region, 0, S1) and core.stats()["overflowed"] == before
+
+
+def test_with_no_plan_fitting_after_an_overflowing_warmup_overflow_stops_and_the_warning_says_so(core, caplog):
+    """Where even the plan does not fit the device, the warning says the warm-up needed managed memory (so the
+    next step most likely runs out of memory), and nothing overflows any more."""
+    rt = PlanRuntime(core, torch.device("cpu"), stream_of=lambda: S1, iterations="step", overflow_bytes=1 << 20)
+    core.lib.lt_host_limit(1200)  # _swap_like_step's plan needs 1536 at least
+    with caplog.at_level(logging.WARNING, logger="longtrain.memory.planner.runtime"):
+        for _ in range(4):
+            _swap_like_step(rt, core)
+    assert rt.state == "off" and "no plan fits" in caplog.text and "most likely runs out of memory" in caplog.text
+    assert "went to CUDA managed memory" in caplog.text
+    n = core.stats()["overflowed"]
+    assert n > 0 and not core.malloc(1536, S1) and core.stats()["overflowed"] == n
+
+
+def test_warmup_overflow_setting_reaches_the_runtime_and_bad_values_are_refused(monkeypatch):
+    """memory.planner.warmup_overflow_gib is the runtime's cap on managed memory before the plan (0: none);
+    a negative value is refused by name."""
+    from longtrain.config import ConfigError, load_config
+    from longtrain.memory import arena
+    from longtrain.memory.planner import runtime
+
+    core = host_core()
+    monkeypatch.setattr(runtime, "active_core", lambda: core)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Module()
+            self.model.layers = nn.ModuleList(_Layer(core) for _ in range(2))
+
+    assert load_config("debug").memory.planner.warmup_overflow_gib == 16.0
+    for gib, served in ((2.0, True), (0.0, False)):
+        cfg = load_config("debug", ["memory.planner.enabled=true", f"memory.planner.warmup_overflow_gib={gib}"])
+        model = arena.apply_memory_plan(Wrapped(), cfg, torch.device("cuda"))
+        assert model.plan_runtime.overflow_bytes == int(gib * 2**30)
+        core.lib.lt_host_limit(1024)  # a full device: only managed memory serves
+        ptr = core.malloc(4096, S1)
+        assert bool(ptr) == served
+        if ptr:
+            core.free(ptr, S1)
+    with pytest.raises(ConfigError, match=r"memory.planner.warmup_overflow_gib=-1.0 must be >= 0"):
+        load_config("debug", ["memory.planner.warmup_overflow_gib=-1"])

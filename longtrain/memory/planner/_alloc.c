@@ -9,6 +9,9 @@
  * fallback allocator: CUDA's stream-ordered allocator (cudaMallocAsync on the device's default pool;
  * it returns freed memory to the device until the plan serves, then keeps it: lt_pool_keep), or the one
  * the shim sets with lt_set_fallback (torch's own caching allocator: memory.planner.fallback=caching).
+ * Before a plan serves, a request the device cannot hold may *overflow* into CUDA managed memory, up to a
+ * cap runtime.py sets (lt_set_overflow; memory.planner.warmup_overflow_gib), so that an iteration only a
+ * plan fits on the device can still be recorded.
  *
  * Safety, always on:
  *  - a planned offset is handed out only when no live planned block overlaps it (a free that came
@@ -62,6 +65,8 @@ static cuerr_t (*c_default_pool)(void **, int);
 static cuerr_t (*c_pool_set)(void *, int, void *);
 static cuerr_t (*c_pool_get)(void *, int, void *);
 static cuerr_t (*c_pool_trim)(void *, size_t);
+static cuerr_t (*c_malloc_managed)(void **, size_t, unsigned); /* optional: no overflow without it */
+#define MEM_ATTACH_GLOBAL 1
 static void *pool;
 
 #define ATTR_RELEASE_THRESHOLD 4
@@ -72,6 +77,7 @@ static void *pool;
 
 /* host backend: events are tickets, complete once the test says so */
 static int64_t host_tickets, host_done, host_reserved, host_reserved_peak, host_limit;
+static int64_t host_granule = 1; /* the fallback's blocks are rounded up to this (lt_host_granule) */
 static int64_t host_waits, host_last_wait[2]; /* stream waits queued: how many, the last (stream, ticket) */
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -87,6 +93,7 @@ typedef struct {
     int freed; /* a planned block the program freed while other streams still read it (deferred) */
     int ghost; /* a planned block that leaves a ghost when freed (the plan's PLAN_GHOST) */
     int carved; /* a region block no plan placed: the last resort for a request nothing else served */
+    int overflow; /* in managed memory: a request the device could not hold before a plan served */
     stream_t stream;
     int nrec;
     stream_t rec[MAX_STREAMS];
@@ -198,6 +205,9 @@ enum {
     S_CROSS_WAITS, S_GHOSTS, /* waits queued for a ghost's stream; ghosts pending now */
     S_REGION_GIVEN_BACK, /* times the idle region went back to the device for a request nothing else served */
     S_CARVED, /* requests served from a gap of the region no plan placed them in (region_carve) */
+    /* requests served from managed memory because the device could not hold them (lt_set_overflow); the
+     * bytes held there now, and their peak since the last reset */
+    S_OVERFLOWED, S_OVERFLOW_BYTES, S_OVERFLOW_PEAK,
     /* requests nothing served (out of memory), and at the last one: the bytes live in the region, its
      * window's plan (-1: none, -2: outside every window) and whether a miss had turned that plan off */
     S_FAILED, S_FAILED_LIVE, S_FAILED_PLAN, S_FAILED_PLAN_OFF,
@@ -266,19 +276,21 @@ static void pool_trim(void) {
 /* host backend with a limit: the bytes a test's "device" has left beside the region and the fallback's */
 static int64_t host_room(void) { return host_limit - host_reserved - region_bytes; }
 
+static int64_t host_block(size_t size) { return ((int64_t)size + host_granule - 1) / host_granule * host_granule; }
+
 static void *host_alloc(size_t size, stream_t stream) {
     (void)stream;
-    if (host_limit && (int64_t)size > host_room()) return NULL; /* a test's "device" is full */
+    if (host_limit && host_block(size) > host_room()) return NULL; /* a test's "device" is full */
     void *p = malloc(size);
     if (p) {
-        host_reserved += (int64_t)size;
+        host_reserved += host_block(size);
         if (host_reserved > host_reserved_peak) host_reserved_peak = host_reserved;
     }
     return p;
 }
 static void host_free(void *ptr, size_t size, stream_t stream) {
     (void)stream;
-    host_reserved -= (int64_t)size;
+    host_reserved -= host_block(size);
     free(ptr);
 }
 static int64_t host_reserved_bytes(int peak) { return peak ? host_reserved_peak : host_reserved; }
@@ -332,10 +344,33 @@ static void note_fallback(int why, int64_t delta) {
     if (st[S_FB_BYTES + why] > st[S_FB_PEAK + why]) st[S_FB_PEAK + why] = st[S_FB_BYTES + why];
 }
 
+/* Managed memory for a request the device cannot hold (lt_set_overflow): NULL when overflow is off, past its
+ * cap, or unavailable. The driver moves its pages between the device and the host as they are touched. */
+static int64_t overflow_cap;
+
+static void *overflow_alloc(size_t size) {
+    if (st[S_OVERFLOW_BYTES] + (int64_t)size > overflow_cap) return NULL;
+    void *p = NULL;
+    if (backend == BACKEND_HOST) p = malloc(size);
+    else if (c_malloc_managed && c_malloc_managed(&p, size, MEM_ATTACH_GLOBAL)) { c_get_last_error(); p = NULL; }
+    if (!p) return NULL;
+    st[S_OVERFLOWED]++;
+    st[S_OVERFLOW_BYTES] += (int64_t)size;
+    if (st[S_OVERFLOW_BYTES] > st[S_OVERFLOW_PEAK]) st[S_OVERFLOW_PEAK] = st[S_OVERFLOW_BYTES];
+    return p;
+}
+
 static void release(block_t *b) {
-    if (b->offset < 0) note_fallback(b->why, -b->size);
-    if (b->offset >= 0) live_remove(b);
-    else fb.free(b->ptr, (size_t)b->size, b->stream);
+    if (b->overflow) {
+        st[S_OVERFLOW_BYTES] -= b->size;
+        if (backend == BACKEND_HOST) free(b->ptr);
+        else if (c_free(b->ptr)) c_get_last_error(); /* cudaFree waits for the device first */
+    } else if (b->offset >= 0) {
+        live_remove(b);
+    } else {
+        note_fallback(b->why, -b->size);
+        fb.free(b->ptr, (size_t)b->size, b->stream);
+    }
     free(b);
 }
 
@@ -531,6 +566,7 @@ int lt_init_cuda(const char *cudart, int device) {
     SYM(c_mem_get_info, "cudaMemGetInfo");
     SYM(c_default_pool, "cudaDeviceGetDefaultMemPool"); SYM(c_pool_set, "cudaMemPoolSetAttribute");
     SYM(c_pool_get, "cudaMemPoolGetAttribute"); SYM(c_pool_trim, "cudaMemPoolTrimTo");
+    *(void **)&c_malloc_managed = dlsym(h, "cudaMallocManaged");
     if (c_default_pool(&pool, device)) return -3;
     uint64_t keep = 0; /* until a plan serves: see lt_pool_keep */
     if (c_pool_set(pool, ATTR_RELEASE_THRESHOLD, &keep)) return -3;
@@ -696,7 +732,7 @@ static int64_t region_carve(int64_t size, stream_t stream) {
 static void *alloc_locked(size_t size, stream_t stream) {
     process_deferred(0);
     int64_t k = -1, window = -1, offset = -1, expect = -1;
-    int why = FB_NO_PLAN, ghost = 0, carved = 0;
+    int why = FB_NO_PLAN, ghost = 0, carved = 0, overflow = 0;
     if (win.active) {
         k = win.k++;
         window = win.seq;
@@ -744,6 +780,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
             ptr = fb.alloc(size, stream);
             if (!ptr && region_give_back()) ptr = fb.alloc(size, stream); /* then the idle region */
             if (!ptr && region && (offset = region_carve((int64_t)size, stream)) >= 0) carved = 1; /* or a gap */
+            if (!ptr && !carved && (ptr = overflow_alloc(size))) overflow = 1; /* before a plan: managed memory */
         }
         if (!ptr && !carved) {
             st[S_FAILED]++;
@@ -753,7 +790,7 @@ static void *alloc_locked(size_t size, stream_t stream) {
             free(b);
             return NULL;
         }
-        if (!carved) st[S_FALLBACK]++;
+        if (!carved && !overflow) st[S_FALLBACK]++;
     }
     if (offset >= 0) ptr = region + offset;
     b->ptr = ptr; b->size = (int64_t)size; b->id = next_id++; b->offset = offset;
@@ -764,17 +801,17 @@ static void *alloc_locked(size_t size, stream_t stream) {
     b->why = why;
     b->ghost = ghost;
     b->carved = carved;
+    b->overflow = overflow;
     if (offset >= 0 && live_add(b)) { free(b); return NULL; }
     if (table_put(b)) { /* cannot track it: give it back rather than lose it */
-        if (offset >= 0) live_remove(b);
-        else fb.free(ptr, size, stream);
-        free(b);
+        if (offset >= 0 || overflow) release(b);
+        else { fb.free(ptr, size, stream); free(b); }
         return NULL;
     }
     if (carved) st[S_CARVED]++;
     else if (offset >= 0) st[S_SERVED]++;
     note_allocated((int64_t)size);
-    if (offset < 0) note_fallback(why, (int64_t)size);
+    if (offset < 0 && !overflow) note_fallback(why, (int64_t)size);
     log_event(0, window, k, (int64_t)size, win.active && stream == win.stream, b->id, stream);
     return ptr;
 }
@@ -863,6 +900,11 @@ void lt_record_stream(void *ptr, stream_t stream) {
     pthread_mutex_unlock(&mu);
 }
 
+/* Managed memory for requests the device cannot hold, up to `cap` bytes at once (0: none). runtime.py allows
+ * it until the plan is made: the iterations before it may need more than the device holds where only the
+ * plan's packing fits it, and the recorded one must run whole. Blocks already there stay until freed. */
+void lt_set_overflow(int64_t cap) { pthread_mutex_lock(&mu); overflow_cap = cap; pthread_mutex_unlock(&mu); }
+
 void lt_set_record(int on) { pthread_mutex_lock(&mu); recording = on; pthread_mutex_unlock(&mu); }
 void lt_set_check(int on) { pthread_mutex_lock(&mu); check_mode = on; pthread_mutex_unlock(&mu); }
 int64_t lt_record_len(void) { return rec_len; }
@@ -886,6 +928,7 @@ void lt_reset_peaks(void) {
     pthread_mutex_lock(&mu);
     st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
     for (int i = 0; i < FB_N; i++) st[S_FB_PEAK + i] = st[S_FB_BYTES + i];
+    st[S_OVERFLOW_PEAK] = st[S_OVERFLOW_BYTES];
     reserved_floor = 0;
     if (fb.reset_peak) fb.reset_peak();
     pthread_mutex_unlock(&mu);
@@ -926,6 +969,14 @@ int64_t lt_wait_pairs(int64_t *out, int64_t max) {
 
 /* host backend only: the fallback fails past this many bytes (0: no limit), as a full device would */
 void lt_host_limit(int64_t bytes) { pthread_mutex_lock(&mu); host_limit = bytes; pthread_mutex_unlock(&mu); }
+
+/* host backend only: the fallback rounds every block up to a multiple of this many bytes, as a caching
+ * allocator rounds its blocks and pages (1: exact) */
+void lt_host_granule(int64_t bytes) {
+    pthread_mutex_lock(&mu);
+    host_granule = bytes > 0 ? bytes : 1;
+    pthread_mutex_unlock(&mu);
+}
 
 /* host backend only: the stream waits queued so far; out: the last one's (stream, event ticket) */
 int64_t lt_host_waits(int64_t *out) {

@@ -71,6 +71,7 @@ STAT_NAMES = ("allocated", "allocated_peak", "reserved", "reserved_peak", "serve
               "miss_stream", "refused_overlap", "fallback", "deferred", "check_lifetime", "check_leaked",
               "region", "planned_live", "oom_retries", "windows", "unknown_free", "after_miss", "reuse_waits",
               "cross_stream_waits", "ghosts", "region_given_back", "carved",
+              "overflowed", "overflow_bytes", "overflow_peak",  # served from managed memory before the plan
               "failed", "failed_live", "failed_plan", "failed_plan_off",  # requests nothing served; the last's state
               # the bytes the fallback holds by why it served them, then their peaks
               *(f"fallback_{why}{peak}" for peak in ("", "_peak")
@@ -125,7 +126,8 @@ class Core:
                "lt_host_limit": (None, [i64]), "lt_refusals": (i64, [ctypes.POINTER(i64), i64]),
                "lt_host_waits": (i64, [ctypes.POINTER(i64)]), "lt_lifetimes": (i64, [ctypes.POINTER(i64), i64]),
                "lt_wait_pairs": (i64, [ctypes.POINTER(i64), i64]),
-               "lt_set_fallback": (None, [vp, vp, vp, vp, vp])}
+               "lt_set_fallback": (None, [vp, vp, vp, vp, vp]), "lt_set_overflow": (None, [i64]),
+               "lt_host_granule": (None, [i64])}
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -204,7 +206,8 @@ class Core:
     def holdings(self) -> str:
         """Where the memory is now, in one line (printed when a run runs out of memory): the region and its
         live bytes (planned or carved), the bytes the fallback holds by why it served them, deferred frees, the
-        reserved total with its peak, and the region and window at the last request nothing served."""
+        reserved total with its peak, what managed memory held before the plan, and the region and window at
+        the last request nothing served."""
         s = self.stats()
         gib = lambda k: f"{s[k] / 2**30:.2f}"  # noqa: E731
         why = ", ".join(f"{name} {gib('fallback_' + k)} (peak {gib('fallback_' + k + '_peak')})"
@@ -216,10 +219,12 @@ class Core:
                 s["failed_plan"], f"in window {s['failed_plan']}, whose plan "
                 + ("a miss had turned off" if s["failed_plan_off"] else "still served"))
             failed = f"; at the request that failed: {gib('failed_live')} GiB live in the region, {plan}"
+        overflow = (f"; managed memory before the plan: {s['overflowed']} requests, {gib('overflow_bytes')} GiB now "
+                    f"(peak {gib('overflow_peak')} GiB)" if s["overflowed"] else "")
         return (f"region {gib('region')} GiB with {gib('planned_live')} GiB of tensors live in it ({s['carved']} "
                 f"requests carved from its gaps so far); the fallback "
                 f"holds GiB: {why}; {s['deferred']} frees wait for other streams; reserved {gib('reserved')} GiB "
-                f"(peak {gib('reserved_peak')} GiB), allocated {gib('allocated')} GiB{failed}")
+                f"(peak {gib('reserved_peak')} GiB), allocated {gib('allocated')} GiB{overflow}{failed}")
 
 
 def host_core() -> Core:
@@ -471,6 +476,8 @@ class PlanRuntime:
     check: bool = False
     side_streams: bool = True  # plan the requests made on other streams than their window's too
     reuse_after: str = "next_pass"  # a freed tensor other streams still read: reused after next_pass | free | release
+    # before the plan, the most bytes held at once in managed memory for requests the device cannot hold (0: none)
+    overflow_bytes: int = 0
     stream_of: object = None  # () -> the current stream handle (int); CUDA's by default
     stream_names: dict = field(default_factory=dict)  # stream handle -> a name for the report (the swap's streams)
     # what starts an iteration: "layer0" (layer 0's forward), "model" (the model's forward: attach_windows
@@ -493,6 +500,7 @@ class PlanRuntime:
 
     def __post_init__(self):
         self.core.lib.lt_set_check(int(self.check))
+        self.core.lib.lt_set_overflow(self.overflow_bytes)  # until the plan is made (_make_plans)
         try:  # now, not inside a layer's forward hook when the plan is made (see _make_plans)
             importlib.import_module("pulp")
         except ImportError:
@@ -577,6 +585,7 @@ class PlanRuntime:
         self.warn_misses()
 
     def _make_plans(self) -> None:
+        self.core.lib.lt_set_overflow(0)  # replayed iterations fit the device, or run out of memory as without
         events = self.core.events()
         self.core.lib.lt_record_clear()
         seqs, layout = [s for s, _ in self.recorded], [w for _, w in self.recorded]
@@ -585,11 +594,13 @@ class PlanRuntime:
         trimmed = self.core.stats()
         free = self.core.lib.lt_device_free()
         # what the region and the fallback's growth in an iteration can take: the device's free bytes and what
-        # the fallback reserves beyond its live bytes (None: unknown, as much as needed)
+        # the fallback reserves beyond its live bytes (None: unknown, as much as needed). Bytes still in managed
+        # memory count as allocated, not reserved: the room leaves them space to come back to the device.
         room = free + trimmed["reserved"] - trimmed["allocated"] if free >= 0 else None
         self.at_plan = {"allocated": before["allocated"], "reserved": before["reserved"],
                         "reserved_peak": before["reserved_peak"], "reserved_after_trim": trimmed["reserved"],
-                        "device_free": free, "room": room}
+                        "device_free": free, "room": room, "overflowed": before["overflowed"],
+                        "overflow_peak": before["overflow_peak"], "overflow_live": before["overflow_bytes"]}
         log.info("memory plan: planning the recorded iteration: %d requests, MIP time limit %.0f s in all (other "
                  "ranks wait for this one in their next collective); %.2f GiB allocated, %.2f GiB reserved by the "
                  "fallback (%.2f GiB after giving back what it caches; peak so far %.2f GiB), %s GiB free on the "
@@ -635,7 +646,11 @@ class PlanRuntime:
             self._off()
             log.warning("memory plan: no plan fits beside what the fallback holds, so the fallback allocator "
                         "serves everything (as without the plan: the run goes on). A plan serves where there "
-                        "is more room: a shorter sequence, more GPUs, or more activations swapped")
+                        "is more room: a shorter sequence, more GPUs, or more activations swapped%s",
+                        "" if not before["overflowed"] else
+                        f". The iterations before the plan needed managed memory (up to "
+                        f"{before['overflow_peak'] / 2**30:.2f} GiB at once) where the device was full, so the next "
+                        f"step most likely runs out of memory")
             return
         if plan.reuse_after != self.reuse_after:
             log.warning("memory plan: reuse_after=free serves instead of %s, whose plan does not fit: reused memory "
@@ -652,6 +667,10 @@ class PlanRuntime:
         self.plan, self.state = plan, "replay"
         self.core.lib.lt_pool_keep(1)
         log.info("memory plan: %s", self.summary())
+        if before["overflow_bytes"]:
+            log.warning("memory plan: %.2f GiB allocated in managed memory before the plan are still held (not "
+                        "freed in the recorded iteration: a tensor kept for good); the driver pages them while the "
+                        "device is full", before["overflow_bytes"] / 2**30)
         if self.save_dir:
             self._save(plan)
 
@@ -715,9 +734,11 @@ class PlanRuntime:
         return self._write("report", write)
 
     def _off(self) -> None:
-        """No plan will serve: the fallback keeps what it frees from now on (the pool, like a caching allocator)."""
+        """No plan will serve: the fallback keeps what it frees from now on (the pool, like a caching allocator),
+        and nothing overflows into managed memory."""
         self.state = "off"
         self.core.lib.lt_pool_keep(1)
+        self.core.lib.lt_set_overflow(0)
 
     def summary(self) -> str:
         p = self.plan
@@ -770,6 +791,13 @@ class PlanRuntime:
 
     def warn_misses(self) -> None:
         s = self.core.stats()
+        if s["overflowed"] and "overflow" not in self.warned:
+            self.warned.add("overflow")
+            log.warning("memory plan: the device was full before the plan serves: %d requests (up to %.2f GiB at "
+                        "once) went to CUDA managed memory, which the driver pages to the host, so these steps are "
+                        "slower; the plan is made from iteration %d and must fit the device "
+                        "(memory.planner.warmup_overflow_gib)", s["overflowed"], s["overflow_peak"] / 2**30,
+                        self.record_iteration)
         s["layout"] = self.layout_misses
         reasons = {"miss_size": "a request's size differs from the plan (shape or sequence length changed)",
                    "miss_length": "a window made more requests than were recorded",
