@@ -353,6 +353,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
                  (torch.cuda.max_memory_reserved(mesh.device) - held) / 2**30) if cuda else (-1.0, -1.0))
 
     warm_peaks = (-1.0, -1.0)
+    warmup_s = []  # the warm-up steps' times (the planner's recorded iteration, a managed-memory overflow: slower)
     for i in range(warmup + steps):
         timed = i >= warmup
         if cuda and i == warmup:  # the timed steps' own peaks (an allocator's steady state), then the run's
@@ -365,6 +366,8 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         if mesh.is_main:  # progress: a long step, or one that stalls, shows here
             print(f"  step {i + 1}/{warmup + steps} ({'timed' if timed else 'warm-up'}): {rec['step_time_s']:.3f} s",
                   flush=True)
+        if not timed:
+            warmup_s.append(rec["step_time_s"])
         if timed:
             recs.append(rec)
             if time_copies:
@@ -412,7 +415,7 @@ def run_bench(recipe: str, overrides: list[str], steps: int, warmup: int, layers
         "device": mesh.device.type, "device_name": torch.cuda.get_device_name(mesh.device) if cuda else "cpu",
         "precision": cfg.train.precision, "attention_kernel": cfg.train.attention_kernel,
         "engine": cfg.parallel.engine, "activation_policy": cfg.memory.activation.policy,
-        "steps": steps, "warmup": warmup,
+        "steps": steps, "warmup": warmup, "warmup_step_s": warmup_s,
         "step_time_s": mid["step_time_s"], "step_time_s_mean": statistics.fmean(r["step_time_s"] for r in recs),
         "tokens_per_s": mid["tokens_per_s"], "tflops_per_device": tflops,
         "peak_tflops": cfg.train.peak_tflops if cuda else None, "mfu": mid["mfu"] if cuda else None,

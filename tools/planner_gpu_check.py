@@ -8,7 +8,10 @@ caching allocator, once with the planned allocator (check mode). Each trains a d
 recomputation: layer 0 recomputes, layers 1-2 swap (alpha 0.5, chunked recompute), the last keeps; the
 MLP output projections of layers 0 and 3 gather their weight on a side stream as ZeRO-3 does.
 Each step is an iteration, as in the trainer (the zero_grad and the optimizer step within it). Steps 0-1 warm
-up and record; steps 2-4 replay; step 5 runs at another sequence length (the plan misses and falls back);
+up and record; step 1, the recorded one, runs on a full device (a ballast made before it and freed after it,
+outside every window), so its requests the device cannot hold overflow into managed memory
+(`memory.planner.warmup_overflow_gib`), and the plan made from it must serve the later steps from the device
+with nothing overflowing; steps 2-4 replay; step 5 runs at another sequence length (the plan misses and falls back);
 step 6 is back at the first length (the plan serves again). Between steps 3 and 4 the device is filled but
 for half the region and a tensor of three quarters of it is made: only the idle region can serve it, so it
 goes back to the device, and step 4 must take it again and replay its plan. In step 7, inside layer 3's
@@ -16,7 +19,7 @@ forward (planned tensors live), the device is filled and a tensor is asked for (
 or more than the fallback's cached holes where those are larger): a miss nothing but a gap of the region
 can serve, so it is carved from there (`carved`), and the step must still give the normal run's numbers. The planned run
 must give the losses and gradients of the normal run (1e-6 relative), serve requests from the plan,
-refuse none, count misses only in steps 5 and 7, and plan the side stream's requests (the gathers and, where
+refuse none, count misses only in steps 5 and 7, overflow only in step 1, and plan the side stream's requests (the gathers and, where
 it makes them there, the swap's prefetch buffers: `memory.planner.side_streams`).
 `--fallback` picks what serves the requests the plan does not (`memory.planner.fallback`): CUDA's
 cudaMallocAsync pool or torch's caching allocator. `--reuse-after` plans a tensor another stream still
@@ -36,6 +39,7 @@ from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_REUSE_AFTER
 
 SEQ, OTHER_SEQ, STEPS = 2048, 1536, 8
 CARVE_STEP = 7  # a miss on a full device while planned tensors are live: carved from the region
+OVERFLOW_STEP = 1  # the recorded step on a full device: what it cannot hold overflows into managed memory
 
 
 def gather_on_side_stream(linear, stream) -> None:
@@ -95,7 +99,7 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         from longtrain.memory.planner.runtime import PlanRuntime, attach_windows
 
         rt = PlanRuntime(core, dev, check=True, time_limit_s=10, record_iteration=1,  # no ZeRO-3: steps 1 on repeat
-                         reuse_after=reuse_after)
+                         reuse_after=reuse_after, overflow_bytes=8 << 30)
         attach_windows(model.model.layers, rt, model=model)
         rt.iterations = "step"  # as the trainer: begin_iteration and end_iteration around each step
     carve = {"armed": False, "asked": []}  # armed for step CARVE_STEP; what the hook asked for there
@@ -124,6 +128,13 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
     for step in range(STEPS):
         s = OTHER_SEQ if step == 5 else SEQ
         ids = torch.randint(0, args.vocab_size, (1, s), device=dev, generator=g)
+        fill = []
+        if rt and step == OVERFLOW_STEP:  # the device full (but for a few MiB) through the recorded step
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            mib2 = 2 << 20
+            fill.append(torch.empty((torch.cuda.mem_get_info(dev)[0] - 4 * mib2) // mib2 * mib2, dtype=torch.uint8,
+                                    device=dev))
         before = dict(core.stats()) if rt else {}
         if rt:
             rt.begin_iteration()
@@ -137,6 +148,7 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         opt.step()
         if rt:
             rt.end_iteration()
+        fill.clear()  # outside every window: neither recorded nor planned
         if rt and step == 3 and rt.plan:  # between two replayed steps, a request only the idle region can serve
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -151,7 +163,8 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
                                                                      "miss_length", "miss_stream", "after_miss",
                                                                      "refused_overlap", "check_lifetime",
                                                                      "check_leaked", "reuse_waits",
-                                                                     "cross_stream_waits", "ghosts", "carved")}
+                                                                     "cross_stream_waits", "ghosts", "carved",
+                                                                     "overflowed")}
             entry["state"] = rt.state
             if step == CARVE_STEP:
                 entry["carve_ask"] = carve["asked"]
@@ -188,6 +201,9 @@ def compare(ref_path: str, got_path: str) -> dict:
                 problems.append(f"step {step}: nothing served from the plan")
             if p["miss_size"] + p["miss_length"] + p["miss_stream"] and step != CARVE_STEP:
                 problems.append(f"step {step}: misses {p}")
+        if (step == OVERFLOW_STEP) != bool(p["overflowed"]):
+            problems.append(f"step {step}: {p['overflowed']} requests overflowed into managed memory (only the "
+                            f"recorded step {OVERFLOW_STEP}, on a full device, should)")
         if step == CARVE_STEP and not p["carved"]:
             problems.append(f"step {step} (a miss on a full device): nothing carved from the region: {p}")
         if step == 5 and p["miss_size"] == 0:

@@ -206,7 +206,7 @@ enum {
     S_REGION_GIVEN_BACK, /* times the idle region went back to the device for a request nothing else served */
     S_CARVED, /* requests served from a gap of the region no plan placed them in (region_carve) */
     /* requests served from managed memory because the device could not hold them (lt_set_overflow); the
-     * bytes held there now, and their peak since the last reset */
+     * bytes held there now, and their peak over the run (not reset with the others: it happens before the plan) */
     S_OVERFLOWED, S_OVERFLOW_BYTES, S_OVERFLOW_PEAK,
     /* requests nothing served (out of memory), and at the last one: the bytes live in the region, its
      * window's plan (-1: none, -2: outside every window) and whether a miss had turned that plan off */
@@ -928,7 +928,6 @@ void lt_reset_peaks(void) {
     pthread_mutex_lock(&mu);
     st[S_ALLOCATED_PEAK] = st[S_ALLOCATED];
     for (int i = 0; i < FB_N; i++) st[S_FB_PEAK + i] = st[S_FB_BYTES + i];
-    st[S_OVERFLOW_PEAK] = st[S_OVERFLOW_BYTES];
     reserved_floor = 0;
     if (fb.reset_peak) fb.reset_peak();
     pthread_mutex_unlock(&mu);
