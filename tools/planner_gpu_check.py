@@ -8,8 +8,8 @@ caching allocator, once with the planned allocator (check mode). Each trains a d
 recomputation: layer 0 recomputes, layers 1-2 swap (alpha 0.5, chunked recompute), the last keeps; the
 MLP output projections of layers 0 and 3 gather their weight on a side stream as ZeRO-3 does.
 Each step is an iteration, as in the trainer (the zero_grad and the optimizer step within it). Steps 0-1 warm
-up and record; step 1, the recorded one, runs on a full device (a ballast made before it and freed after it,
-outside every window), so its requests the device cannot hold overflow into managed memory
+up and record; step 1, the recorded one, runs on a device 32 MiB short of its peak (a ballast made before it and
+freed after it, outside every window), so its requests the device cannot hold overflow into managed memory
 (`memory.planner.warmup_overflow_gib`), and the plan made from it must serve the later steps from the device
 with nothing overflowing; steps 2-4 replay; step 5 runs at another sequence length (the plan misses and falls back);
 step 6 is back at the first length (the plan serves again). Between steps 3 and 4 the device is filled but
@@ -129,11 +129,12 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         s = OTHER_SEQ if step == 5 else SEQ
         ids = torch.randint(0, args.vocab_size, (1, s), device=dev, generator=g)
         fill = []
-        if rt and step == OVERFLOW_STEP:  # the device full (but for a few MiB) through the recorded step
+        if rt and step == OVERFLOW_STEP:  # through the recorded step, the device 32 MiB short of its peak
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            mib2 = 2 << 20
-            fill.append(torch.empty((torch.cuda.mem_get_info(dev)[0] - 4 * mib2) // mib2 * mib2, dtype=torch.uint8,
+            st, mib2 = core.stats(), 2 << 20
+            room = st["allocated_peak"] - st["allocated"] - (32 << 20)  # the step's growth (step 0's), 32 MiB less
+            fill.append(torch.empty((torch.cuda.mem_get_info(dev)[0] - room) // mib2 * mib2, dtype=torch.uint8,
                                     device=dev))
         before = dict(core.stats()) if rt else {}
         if rt:
