@@ -133,7 +133,8 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             st, mib2 = core.stats(), 2 << 20
-            room = st["allocated_peak"] - st["allocated"] - (32 << 20)  # the step's growth (step 0's), 32 MiB less
+            grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)  # freed by its zero_grad
+            room = st["allocated_peak"] - (st["allocated"] - grads) - (32 << 20)  # step 0's peak, 32 MiB short
             fill.append(torch.empty((torch.cuda.mem_get_info(dev)[0] - room) // mib2 * mib2, dtype=torch.uint8,
                                     device=dev))
         before = dict(core.stats()) if rt else {}
