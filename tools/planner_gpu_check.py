@@ -134,7 +134,8 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
             torch.cuda.empty_cache()
             st, mib2 = core.stats(), 2 << 20
             grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)  # freed by its zero_grad
-            room = st["allocated_peak"] - (st["allocated"] - grads) - (32 << 20)  # step 0's peak, 32 MiB short
+            holes = st["reserved"] - st["allocated"]  # what the fallback keeps in partly used segments (step 7)
+            room = st["allocated_peak"] - (st["allocated"] - grads) - holes - (32 << 20)  # step 0's peak, 32 MiB short
             fill.append(torch.empty((torch.cuda.mem_get_info(dev)[0] - room) // mib2 * mib2, dtype=torch.uint8,
                                     device=dev))
         before = dict(core.stats()) if rt else {}
