@@ -23,6 +23,9 @@ How it works (docs/memory-planner.md, "The runtime"):
    (else the plan of `reuse_after=free`, else none). When no planned tensor is live and no plan serves
    (between two steps, or in a window a miss turned off), the core lends it back to the device for a
    request nothing else can serve; the next iteration takes it again.
+   Until the plan is made, a request the device cannot hold overflows into CUDA managed memory (up to
+   `overflow_bytes` at once: `memory.planner.warmup_overflow_gib`), so the iteration can be recorded at a
+   length only the plan fits; replayed iterations never overflow.
 
 What the core guarantees (always, not only in check mode): a planned offset is handed out only if no
 live planned block overlaps it; a request whose size, stream or position differs from the plan turns
