@@ -14,10 +14,11 @@ memory (`memory.planner.warmup_overflow_gib`), and the plan made from it must se
 device with nothing overflowing; steps 2-4 replay; step 5 runs at another sequence length (the plan misses
 and falls back); step 6 is back at the first length (the plan serves again). Between steps 3 and 4 the
 device is filled but for half the region and a tensor of three quarters of it is made: only the idle region
-can serve it, so it goes back to the device, and step 4 must take it again and replay its plan. In step 7, inside layer 3's
-forward (planned tensors live), the device is filled and a tensor is asked for (a sixteenth of the region,
-or more than the fallback's cached holes where those are larger): a miss nothing but a gap of the region
-can serve, so it is carved from there (`carved`), and the step must still give the normal run's numbers.
+can serve it, so it goes back to the device, and step 4 must take it again and replay its plan. In step 7,
+inside layer 3's forward (planned tensors live), the device is filled and a tensor is asked for (a sixteenth
+of the region, or more than the fallback's cached holes where those are larger): a miss nothing but a gap
+of the region can serve, so it is carved from there (`carved`), and the step must still give the normal
+run's numbers.
 The planned run must give the losses and gradients of the normal run (1e-6 relative), serve requests from
 the plan, refuse none, count misses only in steps 5 and 7, overflow only in step 1, and plan the side stream's
 requests (the gathers and, where it makes them there, the swap's prefetch buffers:
