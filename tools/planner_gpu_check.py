@@ -42,6 +42,27 @@ from longtrain.config.schema import PLANNER_FALLBACKS, PLANNER_REUSE_AFTER
 SEQ, OTHER_SEQ, STEPS = 2048, 1536, 8
 CARVE_STEP = 7  # a miss on a full device while planned tensors are live: carved from the region
 OVERFLOW_STEP = 1  # the recorded step on a full device: what it cannot hold overflows into managed memory
+MIB2 = 2 << 20
+
+
+def settle() -> None:
+    """Every stream done, and the fallback's cache back to the device (what it keeps is its holes)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def fallback_holes(st: dict) -> int:
+    """What the fallback reserves beyond its live bytes after `settle`: holes in its partly used segments."""
+    return st["reserved"] - st["region"] - (st["allocated"] - st["planned_live"])
+
+
+def ballast(dev, leave: int):
+    """A tensor that takes the device's free memory but `leave` bytes (in 2 MiB steps)."""
+    import torch
+
+    return torch.empty((torch.cuda.mem_get_info(dev)[0] - leave) // MIB2 * MIB2, dtype=torch.uint8, device=dev)
 
 
 def gather_on_side_stream(linear, stream) -> None:
@@ -110,17 +131,14 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         if not carve["armed"]:
             return
         carve["armed"] = False
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        st = core.stats()  # the fallback's cached holes (in segments still partly used) must not fit the ask
-        holes = st["reserved"] - st["region"] - (st["allocated"] - st["planned_live"])
-        mib2 = 2 << 20
-        ask = max(rt.plan.region_bytes // 16, holes + mib2)
+        settle()
+        st = core.stats()  # the fallback's holes must not fit the ask
+        holes = fallback_holes(st)
+        ask = max(rt.plan.region_bytes // 16, holes + MIB2)
         carve["asked"].append({"ask": ask, "fallback_holes": holes, "planned_live": st["planned_live"]})
-        ballast = torch.empty((torch.cuda.mem_get_info(dev)[0] - ask // 2 - 4 * mib2) // mib2 * mib2,
-                              dtype=torch.uint8, device=dev)
+        full = ballast(dev, ask // 2 + 4 * MIB2)
         extra = torch.zeros(ask, dtype=torch.uint8, device=dev)  # only a gap of the region can serve it
-        del extra, ballast
+        del extra, full
 
     if planned:
         model.model.layers[3].mlp.register_forward_pre_hook(full_device_then_ask)
@@ -132,14 +150,11 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
         ids = torch.randint(0, args.vocab_size, (1, s), device=dev, generator=g)
         fill = []
         if rt and step == OVERFLOW_STEP:  # through the recorded step, the device 32 MiB short of its peak
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            st, mib2 = core.stats(), 2 << 20
-            grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)  # freed by its zero_grad
-            holes = st["reserved"] - st["allocated"]  # what the fallback keeps in partly used segments (step 7)
-            room = st["allocated_peak"] - (st["allocated"] - grads) - holes - (32 << 20)  # step 0's peak, 32 MiB short
-            fill.append(torch.empty((torch.cuda.mem_get_info(dev)[0] - room) // mib2 * mib2, dtype=torch.uint8,
-                                    device=dev))
+            settle()
+            st = core.stats()
+            grad_bytes = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)  # its zero_grad frees
+            room = st["allocated_peak"] - (st["allocated"] - grad_bytes) - fallback_holes(st) - (32 << 20)
+            fill.append(ballast(dev, room))
         before = dict(core.stats()) if rt else {}
         if rt:
             rt.begin_iteration()
@@ -155,10 +170,9 @@ def worker(planned: bool, out: str, fallback: str = "caching", reuse_after: str 
             rt.end_iteration()
         fill.clear()  # outside every window: neither recorded nor planned
         if rt and step == 3 and rt.plan:  # between two replayed steps, a request only the idle region can serve
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            settle()
             region = rt.plan.region_bytes
-            held = [torch.empty(torch.cuda.mem_get_info(dev)[0] - region // 2, dtype=torch.uint8, device=dev)]
+            held = [ballast(dev, region // 2)]
             held.append(torch.empty(region * 3 // 4, dtype=torch.uint8, device=dev))  # the borrowed bytes
             del held
         entry = {"seq": s, "loss": loss.item(), "grad_norms": {n: v.norm().item() for n, v in grads.items()}}
